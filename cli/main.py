@@ -1,0 +1,246 @@
+"""The `perm` command: argument parsing only; the work happens in `perm_lite`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from perm_lite.errors import PermError
+
+app = typer.Typer(
+    name="perm",
+    help="Score empathy in conversations from PERM's four perspectives, locally.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RECORD_ERRORS, EXIT_STOPPED = 0, 1, 2, 3, 4
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _fail(message: str, code: int = EXIT_FATAL) -> typer.Exit:
+    _err(f"error: {message}")
+    return typer.Exit(code)
+
+
+def parse_mapping(text: str | None, option: str) -> dict[str, str]:
+    """'a=b,c=d' -> {'a': 'b', 'c': 'd'}."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise typer.BadParameter(f"expected name=value pairs separated by commas, got {item!r}", param_hint=option)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@contextmanager
+def _progress(show: bool, total: int | None) -> Iterator[Callable[[int], None] | None]:
+    """A records/s progress bar on stderr, or nothing."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} rec/s"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task("score", total=total, rate="-")
+
+        def tick(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.0f}" if speed else "-")
+
+        yield tick
+
+
+@app.command()
+def score(
+    input: Annotated[str, typer.Argument(help="JSONL file of dialogues, or - for stdin.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output JSONL, or - for stdout.")] = "-",
+    model: Annotated[str, typer.Option(help="Catalogue name, model directory, or owner/repo@revision.")] = "default",
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per inference batch.")] = 32,
+    threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: available cores).")] = None,
+    provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    combine: Annotated[str, typer.Option(help="Empathy combination: harmonic, mean or geometric.")] = "harmonic",
+    weights: Annotated[str | None, typer.Option(help="Perspective weights, e.g. resonation=1,reception=2.")] = None,
+    bystander_coef: Annotated[float, typer.Option(help="Bystander term coefficient (0 disables).")] = 0.5,
+    fields: Annotated[
+        str | None, typer.Option(help="Map field names, e.g. response=reply,query=question (ours=theirs).")
+    ] = None,
+    on_error: Annotated[str, typer.Option(help="skip: report bad records and go on; stop: end at the first.")] = "skip",
+    errors: Annotated[
+        str | None, typer.Option(help="Where bad records are reported (default OUTPUT.errors.jsonl).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run: skip lines already in OUTPUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    cache_dir: Annotated[str | None, typer.Option(help="Cache for Hub models.")] = None,
+) -> None:
+    """Score a JSONL file of dialogues; write one result line per record."""
+    from perm_lite.batch import (
+        count_lines,
+        default_errors_path,
+        fsync_close,
+        open_input,
+        prepare_resume,
+        previous_error_lines,
+        score_file,
+    )
+    from perm_lite.records import KNOWN_FIELDS
+    from perm_lite.scales import EMPATHY
+    from perm_lite.scorer import Scorer
+
+    if on_error not in ("skip", "stop"):
+        raise typer.BadParameter("choose skip or stop", param_hint="--on-error")
+    field_map = parse_mapping(fields, "--fields")
+    unknown = set(field_map) - set(KNOWN_FIELDS)
+    if unknown:
+        raise typer.BadParameter(f"unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}")
+    weight_map = {k: float(v) for k, v in parse_mapping(weights, "--weights").items()} if weights else None
+    if weight_map and set(weight_map) - set(EMPATHY):
+        raise typer.BadParameter(f"weights apply to {', '.join(EMPATHY)}", param_hint="--weights")
+    if input != "-" and not Path(input).is_file():
+        raise _fail(f"input file {input} does not exist", EXIT_USAGE)
+    out_path = None if output == "-" else Path(output)
+    if out_path is None and resume:
+        raise _fail("--resume needs an output file (-o OUT.jsonl), not stdout", EXIT_USAGE)
+    if out_path and out_path.exists() and out_path.stat().st_size and not (resume or overwrite):
+        raise _fail(f"{out_path} exists: use --resume to continue it or --overwrite to replace it", EXIT_USAGE)
+    errors_path = Path(errors) if errors else default_errors_path(output)
+    try:
+        scorer = Scorer(
+            model,
+            provider=provider,
+            threads=threads,
+            batch_size=batch_size,
+            combine=combine,
+            weights=weight_map,
+            bystander_coef=bystander_coef,
+            cache_dir=cache_dir,
+        )
+        skip = prepare_resume(out_path) if (resume and out_path) else set()
+    except (PermError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if resume:
+        skip |= previous_error_lines(errors_path)
+    show = not quiet and sys.stderr.isatty()
+    sink = sys.stdout if out_path is None else open(out_path, "a" if resume else "w", encoding="utf-8")
+    errors_sink = open(errors_path, "a" if resume else "w", encoding="utf-8")
+    error_count = 0
+
+    def report(err) -> None:
+        nonlocal error_count
+        error_count += 1
+        if error_count <= 20 and not quiet:
+            _err(f"skipped {err}" if on_error == "skip" else f"error: {err}")
+        elif error_count == 21 and not quiet:
+            _err(f"... more errors in {errors_path}")
+
+    try:
+        with open_input(input) as source, _progress(show, count_lines(input) if show else None) as tick:
+            summary = score_file(
+                scorer,
+                source,
+                sink,
+                errors_sink,
+                on_error=on_error,
+                skip_lines=skip,
+                field_map=field_map,
+                progress=tick,
+                report_error=report,
+            )
+    finally:
+        if out_path is not None:
+            fsync_close(sink)
+        else:
+            sink.flush()
+        errors_sink.close()
+    if summary.errors == 0 and not resume and errors_path.exists() and errors_path.stat().st_size == 0:
+        errors_path.unlink()
+    if not quiet:
+        info = summary.to_dict()
+        means = ", ".join(f"{k} {v}" for k, v in info["means"].items())
+        _err(
+            f"scored {info['scored']} records in {info['seconds']} s ({info['records_per_second']} rec/s), "
+            f"{info['errors']} errors" + (f", {info['resumed']} already done" if resume else "")
+        )
+        if means:
+            _err(f"means: {means}")
+        if summary.errors:
+            _err(f"errors written to {errors_path}")
+        if summary.replaced_fields:
+            _err(f"note: {summary.replaced_fields} records already had scores/combined/perm fields; they were replaced")
+        _err(f"model {scorer.model_name} {scorer.config.version} ({scorer.variant}) on {scorer.provider}")
+    if summary.interrupted:
+        _err("interrupted: output holds every record scored so far; rerun with --resume to finish")
+        raise typer.Exit(130)
+    if summary.stopped_early:
+        raise typer.Exit(EXIT_STOPPED)
+    if summary.errors:
+        raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Option(help="Catalogue name, model directory, or owner/repo@revision.")] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a model's card summary, files, hashes and the providers it can run on."""
+    from perm_lite.model_dir import read_config, resolve_model
+    from perm_lite.report import model_info
+
+    try:
+        config = read_config(resolve_model(model))
+    except PermError as exc:
+        raise _fail(str(exc)) from None
+    data = model_info(config)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for k, v in value.items():
+                typer.echo(f"  {k}: {v}")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Versions, available providers, and conflicts between onnxruntime packages."""
+    from perm_lite.report import environment
+
+    data = environment()
+    for warning in data["warnings"]:
+        _err(f"warning: {warning}")
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if key != "warnings":
+            typer.echo(f"{key}: {value}")
+
+
+def main() -> None:  # pragma: no cover
+    app()

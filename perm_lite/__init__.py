@@ -1,0 +1,7 @@
+"""perm-lite: fast, local PERM empathy scores (resonation, expression, reception, bystander)."""
+
+from perm_lite.records import RecordError
+from perm_lite.scorer import Result, Scorer
+
+__version__ = "0.1.0"
+__all__ = ["Scorer", "Result", "RecordError", "__version__"]

@@ -1,0 +1,1 @@
+"""Training, export and evaluation (the `train` extra). Never imported by the scoring path."""

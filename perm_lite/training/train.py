@@ -1,0 +1,205 @@
+"""The training recipe: masked multi-task regression plus within-context ranking.
+
+Seeded and resumable: a checkpoint (safetensors weights + optimizer state + step) is
+written every `checkpoint_every` steps and a rerun with the same output folder resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from perm_lite.text import encode_dialogues, load_tokenizer, pad_batch
+from perm_lite.training.data import Corpus, build_corpus
+from perm_lite.training.model import PermRewardModel, base_encoder_dir
+
+log = logging.getLogger("perm_lite.train")
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "../shared/data"
+    out_dir: str = "runs/perm-lite-minilm"
+    max_length: int = 256
+    steps: int = 1500
+    regression_batch: int = 16
+    pair_batch: int = 8
+    lr: float = 4e-5
+    head_lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    rank_weight: float = 1.0
+    rank_scale: float = 5.0
+    seed: int = 13
+    threads: int = 2
+    checkpoint_every: int = 100
+    max_examples: int = 0  # >0: subsample (smoke tests)
+    bf16: bool = True
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        values = json.loads(Path(path).read_text()) if path else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+class EncodedCorpus:
+    """The corpus tokenized once with the runtime's own `encode_dialogues`."""
+
+    def __init__(self, corpus: Corpus, tokenizer, max_length: int, pad_id: int) -> None:
+        self.corpus = corpus
+        self.encodings = encode_dialogues([e.dialogue for e in corpus.examples], tokenizer, max_length)
+        self.targets = np.stack([e.targets for e in corpus.examples])
+        self.weights = np.array([e.weight for e in corpus.examples], dtype=np.float32)
+        self.pad_id = pad_id
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        arrays = pad_batch([self.encodings[i] for i in indices], self.pad_id)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def subsample(corpus: Corpus, n: int, seed: int) -> Corpus:
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(len(corpus.examples), size=min(n, len(corpus.examples)), replace=False).tolist())
+    for p in corpus.pairs:  # keep pairs whole
+        if p.better in keep or p.worse in keep:
+            keep.update((p.better, p.worse))
+    order = sorted(keep)
+    remap = {old: new for new, old in enumerate(order)}
+    out = Corpus([corpus.examples[i] for i in order])
+    out.pairs = [
+        type(p)(remap[p.better], remap[p.worse], p.heads, p.source)
+        for p in corpus.pairs
+        if p.better in remap and p.worse in remap
+    ]
+    return out
+
+
+def losses(model, data: EncodedCorpus, reg_idx, pairs, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    items = list(reg_idx) + [i for p in pairs for i in (p.better, p.worse)]
+    # bf16 autocast: about 3x faster on CPUs with avx512_bf16; weights stay fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        out = model(**data.batch(items)).float()
+    n = len(reg_idx)
+    targets = torch.from_numpy(data.targets[reg_idx])
+    mask = ~torch.isnan(targets)
+    weights = torch.from_numpy(data.weights[reg_idx]).unsqueeze(1) * mask
+    err = (out[:n] - torch.nan_to_num(targets)) ** 2
+    mse = (err * weights).sum() / weights.sum().clamp(min=1e-6)
+    rank = torch.zeros(())
+    if pairs:
+        better, worse = out[n::2], out[n + 1 :: 2]
+        head_mask = torch.zeros(len(pairs), out.shape[1])
+        for k, p in enumerate(pairs):
+            head_mask[k, list(p.heads)] = 1.0
+        margin = (better - worse) * cfg.rank_scale
+        rank = (torch.nn.functional.softplus(-margin) * head_mask).sum() / head_mask.sum()
+    total = mse + cfg.rank_weight * rank
+    return total, {"mse": mse.item(), "rank": rank.item()}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) and return the folder holding `model.safetensors`."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        handlers=[logging.FileHandler(out / "train.log"), logging.StreamHandler()],
+    )
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    base = base_encoder_dir()
+    tokenizer = load_tokenizer(base / "tokenizer.json")
+    corpus = build_corpus(Path(cfg.data_dir), seed=cfg.seed)
+    if cfg.max_examples:
+        corpus = subsample(corpus, cfg.max_examples, cfg.seed)
+    data = EncodedCorpus(corpus, tokenizer, cfg.max_length, tokenizer.token_to_id("[PAD]"))
+    train_reg = [i for i, e in enumerate(corpus.examples) if e.split == "train" and not np.isnan(e.targets).all()]
+    train_pairs = [p for p in corpus.pairs if corpus.examples[p.better].split == "train"]
+    log.info(
+        "examples %d (regression train %d), pairs train %d", len(corpus.examples), len(train_reg), len(train_pairs)
+    )
+
+    model = PermRewardModel.from_base(base)
+    head_params = list(model.heads.parameters())
+    head_ids = {id(p) for p in head_params}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": cfg.lr},
+            {"params": head_params, "lr": cfg.head_lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    step = 0
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.json").exists():
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        log.info("resumed from step %d", step)
+    model.train()
+    started = time.time()
+    while step < cfg.steps:
+        rng = np.random.default_rng(cfg.seed * 100_003 + step)  # resumable: one stream per step
+        reg = rng.choice(train_reg, size=min(cfg.regression_batch, len(train_reg)), replace=False).tolist()
+        pairs = (
+            [
+                train_pairs[k]
+                for k in rng.choice(len(train_pairs), size=min(cfg.pair_batch, len(train_pairs)), replace=False)
+            ]
+            if train_pairs and cfg.pair_batch
+            else []
+        )
+        scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * max(
+            0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup)
+        )
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * min(1.0, scale)
+        loss, parts = losses(model, data, reg, pairs, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 10 == 0 or step == cfg.steps:
+            rate = step / max(1e-6, time.time() - started)
+            log.info(
+                "step %d/%d loss %.4f mse %.4f rank %.4f (%.2f steps/s)",
+                step,
+                cfg.steps,
+                loss.item(),
+                parts["mse"],
+                parts["rank"],
+                rate,
+            )
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            tmp = out / "checkpoint.tmp"
+            tmp.mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
+            if ckpt.exists():
+                shutil.rmtree(ckpt)
+            tmp.rename(ckpt)
+    final = out / "final"
+    final.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, final / "model.safetensors")
+    shutil.copy(base / "config.json", final / "encoder_config.json")
+    shutil.copy(base / "tokenizer.json", final / "tokenizer.json")
+    (final / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log.info("done: %s", final)
+    return final
