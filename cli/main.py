@@ -244,3 +244,72 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable o
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+@app.command()
+def train(
+    config: Annotated[str | None, typer.Argument(help="JSON training config (see models/*/train_config.json).")] = None,
+    data: Annotated[str | None, typer.Option(help="Data folder in the layout of ../shared/data.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder (checkpoints, log, final/).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps.")] = None,
+    max_examples: Annotated[int | None, typer.Option(min=1, help="Subsample the data (smoke runs).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads.")] = None,
+) -> None:
+    """Train a PERM reward model (needs the `train` extra). Reruns resume from the last checkpoint."""
+    try:
+        from perm_lite.training.train import TrainConfig
+        from perm_lite.training.train import train as run_training
+    except ImportError as exc:
+        raise _fail(f"training needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
+    cfg = TrainConfig.from_file(
+        config, data_dir=data, out_dir=out, steps=steps, max_examples=max_examples, threads=threads
+    )
+    final = run_training(cfg)
+    typer.echo(str(final))
+
+
+@app.command("export")
+def export_model(
+    checkpoint: Annotated[str, typer.Argument(help="Training output (final/ or checkpoint/).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Model directory to write.")],
+    data: Annotated[str, typer.Option(help="Data folder: calibration, checks, score calibration.")],
+    name: Annotated[str, typer.Option(help="Model name in config.json.")] = "perm-lite-minilm",
+    version: Annotated[str, typer.Option(help="Model version.")] = "1.0.0",
+    max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 256,
+    keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
+    max_check_records: Annotated[int, typer.Option(help="Limit test records checked (0 = all).")] = 0,
+) -> None:
+    """Export a checkpoint to ONNX, quantize to static int8, check it and calibrate it."""
+    try:
+        from perm_lite.training.build import build_model_dir
+    except ImportError as exc:
+        raise _fail(f"export needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
+    report = build_model_dir(
+        Path(checkpoint),
+        Path(output),
+        Path(data),
+        name=name,
+        version=version,
+        max_length=max_length,
+        keep_fp32=keep_fp32,
+        max_check_records=max_check_records,
+    )
+    typer.echo(json.dumps(report["quantization"], indent=2))
+
+
+@app.command("eval")
+def eval_model(
+    data: Annotated[str, typer.Option(help="Data folder in the layout of ../shared/data.")],
+    model: Annotated[str, typer.Option(help="Model to evaluate.")] = "default",
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    out: Annotated[str | None, typer.Option(help="Write the full report as JSON here.")] = None,
+) -> None:
+    """Per-head metrics on the shared test splits against two baselines (length, TF-IDF ridge)."""
+    try:
+        from perm_lite.training.evaluate import run_evaluation, to_markdown
+    except ImportError as exc:
+        raise _fail(f"eval needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
+    result = run_evaluation(model, data, split)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(to_markdown(result))

