@@ -60,9 +60,7 @@ def quantization_checks(fp32: Path, int8: Path, corpus: Corpus, tokenizer, max_l
     pearson = {h: round(float(np.corrcoef(a[:, j], b[:, j])[0, 1]), 5) for j, h in enumerate(PERSPECTIVES)}
     return {
         "n_test_records": len(encodings),
-        "pearson_int8_vs_fp32": {
-            h: round(float(np.corrcoef(a[:, j], b[:, j])[0, 1]), 5) for j, h in enumerate(PERSPECTIVES)
-        },
+        "pearson_int8_vs_fp32": pearson,
         "orderings_kept": round(kept / max(total, 1), 5),
         "orderings_n": total,
         "batch_independence_max_abs_raw": worst,

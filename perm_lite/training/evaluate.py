@@ -197,14 +197,11 @@ def primary_verdicts(report: dict, model: str = "perm-lite") -> dict[str, dict]:
     """For each head: the model's primary metric against both baselines."""
     verdicts = {}
     for head, (source, metric) in PRIMARY.items():
-
-        def value(name: str) -> float:
-            r = report[name]
-            if metric == "pair_accuracy":
-                return r["pairs"].get(f"{head}/{source}", {}).get("accuracy", float("nan"))
-            return r["correlation"].get(f"{head}/{source}", {}).get("pearson", float("nan"))
-
-        scores = {name: value(name) for name in report}
+        key = f"{head}/{source}"
+        if metric == "pair_accuracy":
+            scores = {name: r["pairs"].get(key, {}).get("accuracy", float("nan")) for name, r in report.items()}
+        else:
+            scores = {name: r["correlation"].get(key, {}).get("pearson", float("nan")) for name, r in report.items()}
         verdicts[head] = {
             "source": source,
             "metric": metric,
