@@ -277,7 +277,8 @@ def export_model(
     version: Annotated[str, typer.Option(help="Model version.")] = "1.0.0",
     max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 256,
     keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
-    max_check_records: Annotated[int, typer.Option(help="Limit test records checked (0 = all).")] = 0,
+    max_check_records: Annotated[int, typer.Option(help="Limit val/test records checked (0 = all).")] = 0,
+    calibration_records: Annotated[int, typer.Option(min=1, help="Training records for int8 calibration.")] = 300,
 ) -> None:
     """Export a checkpoint to ONNX, quantize to static int8, check it and calibrate it."""
     try:
@@ -293,6 +294,7 @@ def export_model(
         max_length=max_length,
         keep_fp32=keep_fp32,
         max_check_records=max_check_records,
+        calibration_records=calibration_records,
     )
     typer.echo(json.dumps(report["quantization"], indent=2))
 

@@ -46,12 +46,15 @@ def quantization_checks(fp32: Path, int8: Path, corpus: Corpus, tokenizer, max_l
                 if abs(fa) > 1e-6:
                     total += 1
                     kept += int(np.sign(fa) == np.sign(fb))
-    sample = _sample(range(len(encodings)), 64, seed)
+    sample = _sample(range(len(encodings)), 16, seed)
     alone = np.stack([run_onnx(int8, [encodings[k]], 0)[0] for k in sample])
     rng = np.random.default_rng(seed)
     worst = 0.0
     for batch_size in (8, 32):
-        crowd = [encodings[k] for k in rng.choice(len(encodings), size=batch_size * 8, replace=False)]
+        crowd = [
+            encodings[k]
+            for k in rng.choice(len(encodings), size=batch_size * 8, replace=len(encodings) < batch_size * 8)
+        ]
         for start, k in enumerate(sample):
             batch = crowd[(start % 8) * batch_size : (start % 8 + 1) * batch_size - 1] + [encodings[k]]
             out = run_onnx(int8, batch, 0, batch_size=batch_size)[-1]
@@ -100,7 +103,7 @@ def build_model_dir(
 ) -> dict:
     corpus = build_corpus(Path(data_dir), seed=seed)
     if max_check_records:
-        corpus = _limit_test(corpus, max_check_records, seed)
+        corpus = _limit_splits(corpus, ("val", "test"), max_check_records, seed)
     train = [e.dialogue for e in corpus.examples if e.split == "train"]
     test = [e.dialogue for e in corpus.examples if e.split == "test"]
     extra = {
@@ -139,10 +142,12 @@ def build_model_dir(
     return report
 
 
-def _limit_test(corpus: Corpus, n: int, seed: int) -> Corpus:
-    """Keep at most n test examples (smoke runs), other splits untouched."""
-    keep_test = set(_sample([i for i, e in enumerate(corpus.examples) if e.split == "test"], n, seed))
-    drop = {i for i, e in enumerate(corpus.examples) if e.split == "test" and i not in keep_test}
+def _limit_splits(corpus: Corpus, splits: tuple[str, ...], n: int, seed: int) -> Corpus:
+    """Keep at most n examples of each named split (smoke runs), the rest untouched."""
+    drop: set[int] = set()
+    for split in splits:
+        members = [i for i, e in enumerate(corpus.examples) if e.split == split]
+        drop |= set(members) - set(_sample(members, n, seed))
     keep = [i for i in range(len(corpus.examples)) if i not in drop]
     sub = Corpus([corpus.examples[i] for i in keep])
     remap = {old: new for new, old in enumerate(keep)}

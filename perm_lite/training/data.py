@@ -106,24 +106,32 @@ def load_epitome(folder: Path) -> list[Example]:
 
 
 def load_condolence(folder: Path) -> list[Example]:
-    out = []
+    """Published splits; a post that appears in two of them keeps only its earliest copy
+    (train before val before test), so no seeker post spans two splits."""
+    rows: list[tuple[str, str, str, float]] = []
     for split, name in (("train", "train"), ("val", "val"), ("test", "test")):
         with open(folder / f"{name}.csv", newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 post, reply = _clean(row["target"]), _clean(row["observer"])
-                if not reply:
-                    continue
-                rating = (float(row["rating"]) - 1) / 4
-                group = "condolence:" + hashlib.sha256(post.encode()).hexdigest()[:16]
-                out.append(
-                    Example(
-                        Dialogue(response=reply, query=post),
-                        _targets(expression=rating, reception=rating),
-                        "condolence",
-                        group,
-                        split,
-                    )
-                )
+                if reply:
+                    rows.append((split, post, reply, (float(row["rating"]) - 1) / 4))
+    first_split: dict[str, str] = {}
+    for split, post, _, _ in rows:
+        first_split.setdefault(post, split)
+    out = []
+    for split, post, reply, rating in rows:
+        if first_split[post] != split:
+            continue
+        group = "condolence:" + hashlib.sha256(post.encode()).hexdigest()[:16]
+        out.append(
+            Example(
+                Dialogue(response=reply, query=post),
+                _targets(expression=rating, reception=rating),
+                "condolence",
+                group,
+                split,
+            )
+        )
     return out
 
 
