@@ -75,3 +75,40 @@ def test_hub_failure_is_a_model_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set.*connection refused"):
         resolve_model("someone/perm-model@abc123")
+
+
+def test_missing_packaged_model_fails_clearly(monkeypatch, tmp_path):
+    from perm_lite import model_dir
+
+    monkeypatch.setattr(model_dir, "packaged_models_dir", lambda: tmp_path)
+    with pytest.raises(ModelError, match="packaged model 'perm-lite-minilm' is not in this installation"):
+        resolve_model("default")
+
+
+def test_auto_provider_falls_back_to_cpu_once_with_a_warning(monkeypatch, tiny_model_dir):
+    import onnxruntime as ort
+
+    from perm_lite import session
+
+    real_session = ort.InferenceSession
+
+    def cuda_that_fails(path, options, providers):  # what onnxruntime-gpu does without a GPU
+        return real_session(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        session.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(session.ort, "InferenceSession", cuda_that_fails)
+    monkeypatch.setattr(session, "_warned_cpu_fallback", False)
+    with pytest.warns(RuntimeWarning, match="CUDA not usable, running on CPU"):
+        s = Scorer(tiny_model_dir, provider="auto")
+    assert s.provider == "cpu"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Scorer(tiny_model_dir, provider="auto")  # only once per process
+    from perm_lite.errors import ProviderError
+
+    with pytest.raises(ProviderError, match="lists CUDA but could not start it"):
+        Scorer(tiny_model_dir, provider="cuda")

@@ -43,8 +43,14 @@ def test_train_export_quantize_score(tmp_path, caplog):
 
     model_dir = tmp_path / "model"
     report = build_model_dir(
-        final, model_dir, DATA, name="smoke", version="0.0.0", max_length=128,
-        calibration_records=16, max_check_records=40,
+        final,
+        model_dir,
+        DATA,
+        name="smoke",
+        version="0.0.0",
+        max_length=128,
+        calibration_records=16,
+        max_check_records=40,
     )
     assert report["fp32_vs_torch_max_abs"] < 1e-3
     q = report["quantization"]

@@ -152,7 +152,7 @@ def train(cfg: TrainConfig) -> Path:
         step = json.loads((ckpt / "state.json").read_text())["step"]
         log.info("resumed from step %d", step)
     model.train()
-    started = time.time()
+    started, first_step = time.time(), step
     while step < cfg.steps:
         rng = np.random.default_rng(cfg.seed * 100_003 + step)  # resumable: one stream per step
         reg = rng.choice(train_reg, size=min(cfg.regression_batch, len(train_reg)), replace=False).tolist()
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.step()
         step += 1
         if step % 10 == 0 or step == cfg.steps:
-            rate = step / max(1e-6, time.time() - started)
+            rate = (step - first_step) / max(1e-6, time.time() - started)
             log.info(
                 "step %d/%d loss %.4f mse %.4f rank %.4f (%.2f steps/s)",
                 step,
