@@ -43,6 +43,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_examples: int = 0  # >0: subsample (smoke tests)
     bf16: bool = True
+    init_from: str = ""  # a previous run's final/ folder: continue from its weights (stage 2)
+    weak_share: float = 0.0  # >0: weak-supervision examples get this share of regression draws
+    counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -84,6 +87,17 @@ def subsample(corpus: Corpus, n: int, seed: int) -> Corpus:
         if p.better in remap and p.worse in remap
     ]
     return out
+
+
+def _shares(flags: list[bool], share: float) -> np.ndarray | None:
+    """Sampling probabilities giving the flagged items `share` of the draws (None = uniform)."""
+    if share <= 0 or not flags:
+        return None
+    f = np.asarray(flags, dtype=bool)
+    if f.all() or not f.any():
+        return None
+    p = np.where(f, share / f.sum(), (1 - share) / (~f).sum())
+    return p / p.sum()
 
 
 def losses(model, data: EncodedCorpus, reg_idx, pairs, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
@@ -134,6 +148,11 @@ def train(cfg: TrainConfig) -> Path:
     )
 
     model = PermRewardModel.from_base(base)
+    if cfg.init_from:
+        model.load_state_dict(load_file(Path(cfg.init_from) / "model.safetensors"))
+        log.info("initialised from %s", cfg.init_from)
+    reg_p = _shares([corpus.examples[i].kind != "human" for i in train_reg], cfg.weak_share)
+    pair_p = _shares([p.source == "counselchat" for p in train_pairs], cfg.counsel_pair_share)
     head_params = list(model.heads.parameters())
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
@@ -155,11 +174,13 @@ def train(cfg: TrainConfig) -> Path:
     started, first_step = time.time(), step
     while step < cfg.steps:
         rng = np.random.default_rng(cfg.seed * 100_003 + step)  # resumable: one stream per step
-        reg = rng.choice(train_reg, size=min(cfg.regression_batch, len(train_reg)), replace=False).tolist()
+        reg = rng.choice(train_reg, size=min(cfg.regression_batch, len(train_reg)), replace=False, p=reg_p).tolist()
         pairs = (
             [
                 train_pairs[k]
-                for k in rng.choice(len(train_pairs), size=min(cfg.pair_batch, len(train_pairs)), replace=False)
+                for k in rng.choice(
+                    len(train_pairs), size=min(cfg.pair_batch, len(train_pairs)), replace=False, p=pair_p
+                )
             ]
             if train_pairs and cfg.pair_batch
             else []
