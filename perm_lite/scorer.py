@@ -95,7 +95,6 @@ class Scorer:
                 self.variant = better
                 self.session = create_session(self.config.variant_path(better), provider, threads)
         self.provider = session_provider(self.session)
-        self._input_names = {i.name for i in self.session.get_inputs()}
         self.batch_size = batch_size
         self.combine = combine
         self.weights = dict(weights) if weights else None
@@ -133,14 +132,7 @@ class Scorer:
 
     def raw_scores(self, encodings: Sequence[Encoding]) -> np.ndarray:
         """Raw head outputs (n, 4) in input order; batches are formed from length-sorted records."""
-        raw = np.zeros((len(encodings), len(PERSPECTIVES)), dtype=np.float32)
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            feed = pad_batch([encodings[i] for i in idx], self._special.pad)
-            feed = {k: v for k, v in feed.items() if k in self._input_names}
-            raw[idx] = self.session.run(None, feed)[0]
-        return raw
+        return run_sorted_batches(self.session, encodings, self._special.pad, self.batch_size)
 
     def score_dialogues(self, dialogues: Sequence[Dialogue]) -> list[Result]:
         """Score already-validated dialogues; results in input order."""
@@ -184,6 +176,18 @@ class Scorer:
         if self.bystander_coef:
             value += bystander_term(scores["bystander"], self.bystander_coef)
         return value
+
+
+def run_sorted_batches(session, encodings: Sequence[Encoding], pad_id: int, batch_size: int) -> np.ndarray:
+    """Run an onnxruntime session over length-sorted batches; outputs (n, 4) in input order."""
+    names = {i.name for i in session.get_inputs()}
+    raw = np.zeros((len(encodings), len(PERSPECTIVES)), dtype=np.float32)
+    order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        feed = pad_batch([encodings[i] for i in idx], pad_id)
+        raw[idx] = session.run(None, {k: v for k, v in feed.items() if k in names})[0]
+    return raw
 
 
 def _as_dialogue(record: Record, index: int) -> Dialogue:

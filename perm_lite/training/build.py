@@ -148,12 +148,4 @@ def _limit_splits(corpus: Corpus, splits: tuple[str, ...], n: int, seed: int) ->
     for split in splits:
         members = [i for i, e in enumerate(corpus.examples) if e.split == split]
         drop |= set(members) - set(_sample(members, n, seed))
-    keep = [i for i in range(len(corpus.examples)) if i not in drop]
-    sub = Corpus([corpus.examples[i] for i in keep])
-    remap = {old: new for new, old in enumerate(keep)}
-    sub.pairs = [
-        type(p)(remap[p.better], remap[p.worse], p.heads, p.source)
-        for p in corpus.pairs
-        if p.better in remap and p.worse in remap
-    ]
-    return sub
+    return corpus.subset(set(range(len(corpus.examples))) - drop)

@@ -62,6 +62,18 @@ class Corpus:
         self.examples.append(example)
         return len(self.examples) - 1
 
+    def subset(self, keep: set[int]) -> Corpus:
+        """The examples at `keep` (in order) and the pairs with both ends kept."""
+        order = sorted(keep)
+        remap = {old: new for new, old in enumerate(order)}
+        out = Corpus([self.examples[i] for i in order])
+        out.pairs = [
+            Pair(remap[p.better], remap[p.worse], p.heads, p.source)
+            for p in self.pairs
+            if p.better in remap and p.worse in remap
+        ]
+        return out
+
 
 def _targets(**values: float) -> np.ndarray:
     t = np.full(len(PERSPECTIVES), NAN, dtype=np.float32)

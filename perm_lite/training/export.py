@@ -262,15 +262,10 @@ def run_onnx(path: Path, encodings: Sequence[Encoding], pad_id: int, batch_size:
     """Raw outputs of an ONNX file, length-sorted batches, input order (for checks)."""
     import onnxruntime as ort
 
+    from perm_lite.scorer import run_sorted_batches
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    out = np.zeros((len(encodings), 4), dtype=np.float32)
-    order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        feed = {k: v for k, v in pad_batch([encodings[i] for i in idx], pad_id).items() if k in names}
-        out[idx] = session.run(None, feed)[0]
-    return out
+    return run_sorted_batches(session, encodings, pad_id, batch_size)
 
 
 def run_torch(model, encodings: Sequence[Encoding], pad_id: int, batch_size: int = 32) -> np.ndarray:

@@ -73,20 +73,13 @@ class EncodedCorpus:
 
 
 def subsample(corpus: Corpus, n: int, seed: int) -> Corpus:
+    """About n examples, keeping both ends of every pair that touches one of them."""
     rng = np.random.default_rng(seed)
     keep = set(rng.choice(len(corpus.examples), size=min(n, len(corpus.examples)), replace=False).tolist())
-    for p in corpus.pairs:  # keep pairs whole
+    for p in corpus.pairs:
         if p.better in keep or p.worse in keep:
             keep.update((p.better, p.worse))
-    order = sorted(keep)
-    remap = {old: new for new, old in enumerate(order)}
-    out = Corpus([corpus.examples[i] for i in order])
-    out.pairs = [
-        type(p)(remap[p.better], remap[p.worse], p.heads, p.source)
-        for p in corpus.pairs
-        if p.better in remap and p.worse in remap
-    ]
-    return out
+    return corpus.subset(keep)
 
 
 def _shares(flags: list[bool], share: float) -> np.ndarray | None:
