@@ -136,7 +136,6 @@ def build_model_dir(
         raw_config["variants"] = {"int8": config.variants["int8"]}
     write_config(out_dir, raw_config)
     report["calibration"] = calibration
-    report.pop("fused_fp32_path", None)
     (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("quantization: %s", report["quantization"])
     return report

@@ -11,7 +11,6 @@ Choices, measured on this project's model (see the model card):
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -36,12 +35,12 @@ def load_checkpoint(folder: Path):
 
     folder = Path(folder)
     encoder_cfg = folder / "encoder_config.json"
-    config_dir = folder if encoder_cfg.exists() else base_encoder_dir()
     if encoder_cfg.exists():
-        tmp = Path(tempfile.mkdtemp())
-        shutil.copy(encoder_cfg, tmp / "config.json")
-        config_dir = tmp
-    model = PermRewardModel.from_config(config_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(encoder_cfg, Path(tmp) / "config.json")
+            model = PermRewardModel.from_config(Path(tmp))
+    else:
+        model = PermRewardModel.from_config(base_encoder_dir())
     model.load_state_dict(load_file(folder / "model.safetensors"))
     model.eval()
     return model
@@ -288,7 +287,7 @@ def export_model_dir(
     name: str,
     version: str,
     max_length: int,
-    method: str = "percentile",
+    method: str = "minmax",
     keep_fp32: bool = False,
     extra_config: dict | None = None,
 ) -> dict:
@@ -303,26 +302,27 @@ def export_model_dir(
         tokenizer_src = base_encoder_dir() / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_src)
     pad_id = tokenizer.token_to_id("[PAD]")
-    work = Path(tempfile.mkdtemp(prefix="perm-export-"))
-    raw_fp32 = export_fp32(model, work / "raw.onnx")
-    cfg = model.encoder.config
-    fused = fuse(raw_fp32, work / "fused.onnx", cfg.num_attention_heads, cfg.hidden_size)
-    check = encode_dialogues(check_dialogues, tokenizer, max_length)
-    torch_out = run_torch(model, check, pad_id)
-    fp32_out = run_onnx(fused, check, pad_id)
-    fp32_err = float(np.abs(torch_out - fp32_out).max())
-    if fp32_err > 1e-3:
-        raise RuntimeError(f"fused ONNX differs from PyTorch by {fp32_err:.2e} (> 1e-3)")
-    calib = encode_dialogues(calibration_dialogues, tokenizer, max_length)
-    # Quantize the unfused graph: ONNX shape inference must type every tensor or the
-    # quantizer skips it. onnxruntime fuses the QDQ graph itself when a session loads it.
-    int8_path = quantize_int8(raw_fp32, out_dir / "model.int8.onnx", calib, pad_id, method)
-    int8_out = run_onnx(int8_path, check, pad_id)
+    with tempfile.TemporaryDirectory(prefix="perm-export-") as tmp:
+        work = Path(tmp)
+        raw_fp32 = export_fp32(model, work / "raw.onnx")
+        cfg = model.encoder.config
+        fused = fuse(raw_fp32, work / "fused.onnx", cfg.num_attention_heads, cfg.hidden_size)
+        check = encode_dialogues(check_dialogues, tokenizer, max_length)
+        torch_out = run_torch(model, check, pad_id)
+        fp32_out = run_onnx(fused, check, pad_id)
+        fp32_err = float(np.abs(torch_out - fp32_out).max())
+        if fp32_err > 1e-3:
+            raise RuntimeError(f"fused ONNX differs from PyTorch by {fp32_err:.2e} (> 1e-3)")
+        calib = encode_dialogues(calibration_dialogues, tokenizer, max_length)
+        # Quantize the unfused graph: ONNX shape inference must type every tensor or the
+        # quantizer skips it. onnxruntime fuses the QDQ graph itself when a session loads it.
+        int8_path = quantize_int8(raw_fp32, out_dir / "model.int8.onnx", calib, pad_id, method)
+        int8_out = run_onnx(int8_path, check, pad_id)
+        variants = {"int8": "model.int8.onnx"}
+        if keep_fp32:
+            shutil.copy(fused, out_dir / "model.fp32.onnx")
+            variants["fp32"] = "model.fp32.onnx"
     shutil.copy(tokenizer_src, out_dir / "tokenizer.json")
-    variants = {"int8": "model.int8.onnx"}
-    if keep_fp32:
-        shutil.copy(fused, out_dir / "model.fp32.onnx")
-        variants["fp32"] = "model.fp32.onnx"
     config = {
         "name": name,
         "version": version,
@@ -332,7 +332,7 @@ def export_model_dir(
         "quantization": {
             "format": "QDQ static",
             "weights": "s8 per-channel",
-            "activations": "u8",
+            "activations": "u8; FFN output projections keep fp32 activations (int8 weights only)",
             "calibration": method,
         },
         **(extra_config or {}),
@@ -342,8 +342,6 @@ def export_model_dir(
         "fp32_vs_torch_max_abs": fp32_err,
         "int8_vs_fp32_pearson": [float(np.corrcoef(int8_out[:, j], fp32_out[:, j])[0, 1]) for j in range(4)],
         "int8_bytes": (out_dir / "model.int8.onnx").stat().st_size,
-        "fused_fp32_path": str(fused),
     }
-    (work / "export_report.json").write_text(json.dumps(report, indent=2))
     log.info("export report: %s", report)
     return report
