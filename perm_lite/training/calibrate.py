@@ -38,9 +38,13 @@ def fit_monotone(raw: np.ndarray, label: np.ndarray, low: float, high: float, bi
     xs = np.array([raw[g].mean() for g in groups])
     ys = _pava(np.array([label[g].mean() for g in groups]), np.array([len(g) for g in groups], dtype=float))
     step = (high - low) * 1e-3
+    ys = np.clip(ys, low, high)
     for k in range(1, len(ys)):  # strictly increasing: no ties between replies
         ys[k] = max(ys[k], ys[k - 1] + step)
-    ys = np.clip(ys, low, high)
+    if ys[-1] > high:  # pushed past the top: shift the tail back down, keeping the steps
+        ys[-1] = high
+        for k in range(len(ys) - 2, -1, -1):
+            ys[k] = min(ys[k], ys[k + 1] - step)
     keep = np.concatenate([[True], np.diff(xs) > 1e-6])
     return {"raw": [round(float(x), 6) for x in xs[keep]], "score": [round(float(y), 4) for y in ys[keep]]}
 
