@@ -315,3 +315,19 @@ def eval_model(
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(to_markdown(result))
+
+
+@app.command("fp32-variant")
+def fp32_variant(
+    output: Annotated[str, typer.Option("-o", "--output", help="New model directory (int8 + fp32).")],
+    model: Annotated[str, typer.Option(help="Model whose int8 weights to rebuild from.")] = "default",
+) -> None:
+    """Add an fp32 ONNX variant (for CUDA) rebuilt from a model's int8 weights (needs the train extra)."""
+    try:
+        from perm_lite.training.dequantize import write_fp32_variant
+    except ImportError as exc:
+        raise _fail(f"this needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
+    try:
+        typer.echo(str(write_fp32_variant(model, Path(output))))
+    except PermError as exc:
+        raise _fail(str(exc)) from None
