@@ -71,6 +71,8 @@ def parse_line(line_no: int, raw: bytes, field_map: Mapping[str, str] | None = N
     where = f"line {line_no}"
     try:
         text = raw.decode("utf-8")
+        if line_no == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     except UnicodeDecodeError as exc:
         err = RecordError(f"not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8", None, where)
         return ParsedLine(line_no, error=err)

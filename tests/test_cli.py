@@ -73,6 +73,14 @@ def test_bad_records_are_reported_and_counted(tmp_path, tiny_model_dir):
     assert "5 errors" in res.stderr
 
 
+def test_utf8_bom_and_crlf_are_accepted(tmp_path, tiny_model_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\r\n" + json.dumps(GOOD[1]).encode() + b"\r\n")
+    res = runner.invoke(app, ["score", str(src), "--model", str(tiny_model_dir), "-q"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["id"] for line in res.stdout.splitlines()] == ["a", "b"]
+
+
 def test_stop_on_error_keeps_records_before_it(tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD[0], {"query": "no reply"}, GOOD[1]])
     out = tmp_path / "out.jsonl"
