@@ -331,3 +331,41 @@ def fp32_variant(
         typer.echo(str(write_fp32_variant(model, Path(output))))
     except PermError as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command()
+def bench(
+    input: Annotated[str | None, typer.Option(help="JSONL of real records for the length-mix rows.")] = None,
+    model: Annotated[str, typer.Option(help="Model to benchmark.")] = "default",
+    records: Annotated[int, typer.Option(min=8, help="Records per measurement.")] = 256,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,128",
+    lengths: Annotated[str, typer.Option(help="Fixed token lengths to add as rows.")] = "128,256",
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats (median reported).")] = 3,
+    torch_baselines: Annotated[bool, typer.Option("--torch/--no-torch", help="PyTorch rows (train extra).")] = True,
+    fp32_dir: Annotated[str | None, typer.Option(help="Model dir with an fp32 variant (perm fp32-variant).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Throughput and latency on this machine, as ratios against PyTorch fp32 in the same run."""
+    import itertools
+
+    from perm_lite.batch import open_input, read_records
+    from perm_lite.bench import build_backends, fixed_length_dialogues, measure, to_markdown
+
+    inputs = {}
+    if input:
+        with open_input(input) as fh:
+            dialogues = [p.dialogue for p in read_records(fh) if p.dialogue is not None]
+        if not dialogues:
+            raise _fail(f"{input} holds no valid records")
+        inputs["mix"] = list(itertools.islice(itertools.cycle(dialogues), records))
+    for n in (int(x) for x in lengths.split(",") if x.strip()):
+        inputs[f"{n} tokens"] = fixed_length_dialogues(records, n)
+    sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    try:
+        backends, skipped = build_backends(model, torch_baselines, Path(fp32_dir) if fp32_dir else None)
+    except PermError as exc:
+        raise _fail(str(exc)) from None
+    for reason in skipped:
+        _err(f"skipped {reason}")
+    table = measure(backends, inputs, sizes, repeats)
+    typer.echo(json.dumps(table, indent=2) if as_json else to_markdown(table))
