@@ -33,6 +33,15 @@ def _fail(message: str, code: int = EXIT_FATAL) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextmanager
+def _train_extra(command: str) -> Iterator[None]:
+    """Turn a missing training dependency into a clear error naming the extra."""
+    try:
+        yield
+    except ImportError as exc:
+        raise _fail(f"{command} needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
+
+
 def parse_mapping(text: str | None, option: str) -> dict[str, str]:
     """'a=b,c=d' -> {'a': 'b', 'c': 'd'}."""
     if not text:
@@ -256,11 +265,9 @@ def train(
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads.")] = None,
 ) -> None:
     """Train a PERM reward model (needs the `train` extra). Reruns resume from the last checkpoint."""
-    try:
+    with _train_extra("perm train"):
         from perm_lite.training.train import TrainConfig
         from perm_lite.training.train import train as run_training
-    except ImportError as exc:
-        raise _fail(f"training needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
     cfg = TrainConfig.from_file(
         config, data_dir=data, out_dir=out, steps=steps, max_examples=max_examples, threads=threads
     )
@@ -281,10 +288,8 @@ def export_model(
     calibration_records: Annotated[int, typer.Option(min=1, help="Training records for int8 calibration.")] = 300,
 ) -> None:
     """Export a checkpoint to ONNX, quantize to static int8, check it and calibrate it."""
-    try:
+    with _train_extra("perm export"):
         from perm_lite.training.build import build_model_dir
-    except ImportError as exc:
-        raise _fail(f"export needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
     report = build_model_dir(
         Path(checkpoint),
         Path(output),
@@ -307,10 +312,8 @@ def eval_model(
     out: Annotated[str | None, typer.Option(help="Write the full report as JSON here.")] = None,
 ) -> None:
     """Per-head metrics on the shared test splits against two baselines (length, TF-IDF ridge)."""
-    try:
+    with _train_extra("perm eval"):
         from perm_lite.training.evaluate import run_evaluation, to_markdown
-    except ImportError as exc:
-        raise _fail(f"eval needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
     result = run_evaluation(model, data, split)
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
@@ -323,10 +326,8 @@ def fp32_variant(
     model: Annotated[str, typer.Option(help="Model whose int8 weights to rebuild from.")] = "default",
 ) -> None:
     """Add an fp32 ONNX variant (for CUDA) rebuilt from a model's int8 weights (needs the train extra)."""
-    try:
+    with _train_extra("perm fp32-variant"):
         from perm_lite.training.dequantize import write_fp32_variant
-    except ImportError as exc:
-        raise _fail(f"this needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
     try:
         typer.echo(str(write_fp32_variant(model, Path(output))))
     except PermError as exc:

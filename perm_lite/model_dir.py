@@ -17,6 +17,7 @@ from perm_lite.text import TEMPLATE_VERSION
 CONFIG_NAME = "config.json"
 FORMAT = "perm-lite-model/1"
 DEFAULT_MODEL = "perm-lite-minilm"
+GENERATED_FIELDS = ("files", "format", "template", "perspectives", "scales")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class ModelConfig:
 
     def variant_path(self, variant: str) -> Path:
         return self.path / self.variants[variant]
+
+    def editable_fields(self) -> dict[str, Any]:
+        """The config without what `write_config` regenerates (hashes, format, scales...)."""
+        return {k: v for k, v in self.raw.items() if k not in GENERATED_FIELDS}
 
 
 def sha256_file(path: Path) -> str:

@@ -201,3 +201,10 @@ def test_sigterm_stops_cleanly_between_chunks(tmp_path, tiny_model_dir):
     data = out.read_bytes()
     assert data.endswith(b"\n")
     assert len(read_jsonl(out)) < len(records)
+
+
+def test_training_commands_name_the_missing_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "perm_lite.training.evaluate", None)  # import fails
+    res = runner.invoke(app, ["eval", "--data", "x"])
+    assert res.exit_code == 1
+    assert "perm eval needs the train extra: pip install 'perm-lite[train]'" in res.stderr

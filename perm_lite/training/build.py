@@ -127,9 +127,7 @@ def build_model_dir(
     fp32, int8 = out_dir / config.variants["fp32"], out_dir / config.variants["int8"]
     report["quantization"] = quantization_checks(fp32, int8, corpus, tokenizer, max_length, seed)
     calibration = fit_calibration(int8, corpus, tokenizer, max_length)
-    raw_config = dict(config.raw)
-    for key in ("files", "format", "template", "perspectives", "scales"):
-        raw_config.pop(key, None)
+    raw_config = config.editable_fields()
     raw_config["calibration"] = calibration
     if not keep_fp32:
         fp32.unlink()

@@ -118,7 +118,7 @@ def write_fp32_variant(model: str, out_dir: Path) -> Path:
     got = run_onnx(fused, [Encoding(row, np.zeros_like(row), {}) for row in ids], 0)
     if float(np.abs(got - expected).max()) > 1e-3:
         raise RuntimeError("the fp32 ONNX variant does not match the rebuilt PyTorch model")
-    config = {k: v for k, v in source.raw.items() if k not in ("files", "format", "template", "perspectives", "scales")}
+    config = source.editable_fields()
     config["variants"] = {"int8": source.variants["int8"], "fp32": "model.fp32.onnx"}
     config["fp32_variant"] = "rebuilt from the int8 weights (dequantized), fused; for CUDA"
     write_config(out_dir, config)
