@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 from perm_lite.model_dir import write_config
 from perm_lite.records import Dialogue
@@ -85,7 +86,7 @@ def fuse(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Path:
     return dst
 
 
-class _Reader:
+class _Reader(CalibrationDataReader):
     """Calibration records for `quantize_static`, one record per batch.
 
     MinMax takes each record at its own length (no padding in the ranges); histogram
@@ -115,7 +116,6 @@ def quantize_int8(
     """Static QDQ int8: per-channel s8 weights, u8 activations, constant activation scales."""
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
@@ -131,7 +131,6 @@ def quantize_int8(
 
     width = None if method == "minmax" else max(len(e) for e in calibration)
     reader = _Reader(calibration, pad_id, width)
-    reader.__class__ = type("Reader", (_Reader, CalibrationDataReader), {})
     # Shape inference first: without tensor types the quantizer skips the FFN MatMuls.
     inferred = Path(dst).with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(inferred), skip_optimization=True, skip_symbolic_shape=True)
