@@ -286,6 +286,13 @@ def export_model(
     keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
     max_check_records: Annotated[int, typer.Option(help="Limit val/test records checked (0 = all).")] = 0,
     calibration_records: Annotated[int, typer.Option(min=1, help="Training records for int8 calibration.")] = 300,
+    ffn_blockwise_layers: Annotated[
+        str,
+        typer.Option(
+            help="Layers whose FFN output projection runs blockwise 8-bit (MatMulNBits) instead of static "
+            "int8: 'all', 'none' or e.g. '0,1' (the shipped model: '0')."
+        ),
+    ] = "0",
 ) -> None:
     """Export a checkpoint to ONNX, quantize to static int8, check it and calibrate it."""
     with _train_extra("perm export"):
@@ -300,8 +307,21 @@ def export_model(
         keep_fp32=keep_fp32,
         max_check_records=max_check_records,
         calibration_records=calibration_records,
+        ffn_blockwise_layers=_layer_list(ffn_blockwise_layers),
     )
     typer.echo(json.dumps(report["quantization"], indent=2))
+
+
+def _layer_list(text: str) -> list[int] | None:
+    if text.strip() == "all":
+        return None
+    if text.strip() == "none":
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        message = f"--ffn-blockwise-layers takes 'all', 'none' or comma-separated layer numbers, not {text!r}"
+        raise _fail(message, EXIT_USAGE) from None
 
 
 @app.command("eval")
@@ -370,3 +390,53 @@ def bench(
         _err(f"skipped {reason}")
     table = measure(backends, inputs, sizes, repeats)
     typer.echo(json.dumps(table, indent=2) if as_json else to_markdown(table))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model: Annotated[str, typer.Option(help="Catalogue name, model directory, or owner/repo@revision.")] = "default",
+    threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: available cores).")] = None,
+    provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threshold: Annotated[
+        str | None, typer.Option(help="Default /v1/check thresholds, e.g. reception=2.5,combined=0.3.")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most records merged into one inference.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for more requests to merge.")] = 5.0,
+    queue_size: Annotated[int, typer.Option(min=1, help="Requests waiting before 503.")] = 64,
+    max_records: Annotated[int, typer.Option(min=1, help="Records per /v1/score request.")] = 256,
+    max_body_kb: Annotated[int, typer.Option(min=1, help="Request body limit in KiB.")] = 1024,
+) -> None:
+    """HTTP API: POST /v1/score, POST /v1/check, GET /healthz, GET /v1/model (serve extra)."""
+    from perm_lite.scorer import Scorer
+
+    try:
+        import uvicorn
+
+        from perm_lite.serve.app import create_app
+    except ImportError as exc:
+        raise _fail(f"perm serve needs the serve extra: pip install 'perm-lite[serve]' ({exc})") from None
+    thresholds = {}
+    for name, value in parse_mapping(threshold, "--threshold").items():
+        try:
+            thresholds[name] = float(value)
+        except ValueError:
+            raise _fail(f"--threshold {name}={value!r}: not a number", EXIT_USAGE) from None
+    try:
+        scorer = Scorer(model, provider=provider, threads=threads)
+        app_ = create_app(
+            scorer,
+            thresholds=thresholds or None,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            max_body_bytes=max_body_kb * 1024,
+            max_records=max_records,
+        )
+    except PermError as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    _err(f"perm serve: {scorer.config.name} {scorer.config.version} on {scorer.provider}, http://{host}:{port}")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

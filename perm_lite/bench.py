@@ -72,7 +72,9 @@ def scorer_runner(scorer: Scorer) -> Runner:
         scorer.batch_size = batch_size
         timed = _TimedSession(scorer.session)
         original = scorer.raw_scores
-        scorer.raw_scores = lambda enc: run_sorted_batches(timed, enc, scorer._special.pad, batch_size)
+        scorer.raw_scores = lambda enc: run_sorted_batches(
+            timed, enc, scorer._special.pad, batch_size, scorer.max_batch_tokens
+        )
         try:
             t = time.perf_counter()
             scorer.score_dialogues(list(dialogues))
@@ -87,9 +89,12 @@ def scorer_runner(scorer: Scorer) -> Runner:
 
 def torch_runner(model, scorer: Scorer, sort: bool) -> Runner:
     """PyTorch fp32 eager, per-batch padding to the longest. Unsorted: batches in arrival
-    order (the usual way). Sorted: the whole input is tokenized and length-sorted first,
-    as perm-lite does, so only the engine differs."""
+    order (the usual way). Sorted: the whole input is tokenized and grouped exactly as
+    perm-lite groups it (length-sorted, same batch size and token budget), so only the
+    engine differs."""
     import torch
+
+    from perm_lite.scorer import sorted_batches
 
     def forward(encodings) -> None:
         feed = pad_batch(encodings, 0)
@@ -100,11 +105,12 @@ def torch_runner(model, scorer: Scorer, sort: bool) -> Runner:
         with torch.inference_mode():
             if sort:
                 t = time.perf_counter()
-                encodings = sorted(scorer.encode(dialogues), key=len)
+                encodings = scorer.encode(dialogues)
+                groups = sorted_batches([len(e) for e in encodings], batch_size, scorer.max_batch_tokens)
                 tokenize = time.perf_counter() - t
-                for start in range(0, len(encodings), batch_size):
+                for idx in groups:
                     t = time.perf_counter()
-                    forward(encodings[start : start + batch_size])
+                    forward([encodings[i] for i in idx])
                     out.append(time.perf_counter() - t)
                 share = tokenize / max(1, len(out))  # tokenization time spread over the batches
                 return [x + share for x in out]

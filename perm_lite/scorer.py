@@ -49,6 +49,9 @@ def _variant_for(config: ModelConfig, variant: str, provider: str) -> str:
     return next(iter(config.variants))
 
 
+CPU_BATCH_TOKENS = 1024
+
+
 class Scorer:
     """Scores replies from the four PERM perspectives with a local ONNX model.
 
@@ -56,7 +59,10 @@ class Scorer:
         model: catalogue name ("default"), a model directory, or "owner/repo@revision".
         provider: "auto" (CUDA when usable, else CPU), "cpu" or "cuda".
         threads: intra-op threads; default = cores available to this process.
-        batch_size: records per inference batch (sorted by length to cut padding).
+        batch_size: most records per inference batch (sorted by length to cut padding).
+        max_batch_tokens: most padded tokens (records x longest) per batch; "auto" = 1024 on
+            CPU, where small batches keep activations in cache and run fastest (measured in
+            benchmarks/RESULTS.md), and no limit on CUDA. None = no limit.
         variant: ONNX variant ("auto": int8 on CPU, fp16/fp32 on CUDA when present).
         combine: "harmonic" (PERM's default), "mean" or "geometric" for the empathy reward.
         weights: optional per-perspective weights for the empathy reward.
@@ -71,6 +77,7 @@ class Scorer:
         provider: str = "auto",
         threads: int | None = None,
         batch_size: int = 32,
+        max_batch_tokens: int | str | None = "auto",
         variant: str = "auto",
         combine: str = "harmonic",
         weights: Mapping[str, float] | None = None,
@@ -96,6 +103,11 @@ class Scorer:
                 self.session = create_session(self.config.variant_path(better), provider, threads)
         self.provider = session_provider(self.session)
         self.batch_size = batch_size
+        if max_batch_tokens == "auto":
+            max_batch_tokens = None if self.provider == "cuda" else CPU_BATCH_TOKENS
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be a positive integer, 'auto' or None, not {max_batch_tokens!r}")
+        self.max_batch_tokens = max_batch_tokens
         self.combine = combine
         self.weights = dict(weights) if weights else None
         self.bystander_coef = bystander_coef
@@ -132,7 +144,7 @@ class Scorer:
 
     def raw_scores(self, encodings: Sequence[Encoding]) -> np.ndarray:
         """Raw head outputs (n, 4) in input order; batches are formed from length-sorted records."""
-        return run_sorted_batches(self.session, encodings, self._special.pad, self.batch_size)
+        return run_sorted_batches(self.session, encodings, self._special.pad, self.batch_size, self.max_batch_tokens)
 
     def score_dialogues(self, dialogues: Sequence[Dialogue]) -> list[Result]:
         """Score already-validated dialogues; results in input order."""
@@ -178,13 +190,29 @@ class Scorer:
         return value
 
 
-def run_sorted_batches(session, encodings: Sequence[Encoding], pad_id: int, batch_size: int) -> np.ndarray:
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped shortest first: at most `batch_size` records and, when set, at most
+    `max_tokens` padded tokens (records x longest) per batch; a longer record goes alone."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        grown = len(current) + 1
+        if current and (grown > batch_size or (max_tokens is not None and grown * lengths[i] > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def run_sorted_batches(
+    session, encodings: Sequence[Encoding], pad_id: int, batch_size: int, max_tokens: int | None = None
+) -> np.ndarray:
     """Run an onnxruntime session over length-sorted batches; outputs (n, 4) in input order."""
     names = {i.name for i in session.get_inputs()}
     raw = np.zeros((len(encodings), len(PERSPECTIVES)), dtype=np.float32)
-    order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in sorted_batches([len(e) for e in encodings], batch_size, max_tokens):
         feed = pad_batch([encodings[i] for i in idx], pad_id)
         raw[idx] = session.run(None, {k: v for k, v in feed.items() if k in names})[0]
     return raw

@@ -13,69 +13,69 @@ from perm_lite import Scorer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dialogues.jsonl"
 GOLDEN = {
-    "job-warm": {"resonation": 2.278, "expression": 1.818, "reception": 2.417, "bystander": 60.169, "combined": 0.2286},
+    "job-warm": {"resonation": 2.181, "expression": 1.827, "reception": 2.41, "bystander": 60.725, "combined": 0.2259},
     "job-generic": {
-        "resonation": 1.574,
-        "expression": 1.602,
-        "reception": 1.339,
-        "bystander": 13.064,
-        "combined": -0.1356,
+        "resonation": 1.594,
+        "expression": 1.589,
+        "reception": 1.329,
+        "bystander": 13.196,
+        "combined": -0.1354,
     },
     "job-dismissive": {
-        "resonation": 1.818,
-        "expression": 1.65,
-        "reception": 2.063,
-        "bystander": 51.893,
-        "combined": 0.1251,
+        "resonation": 1.774,
+        "expression": 1.632,
+        "reception": 1.972,
+        "bystander": 51.025,
+        "combined": 0.1115,
     },
     "grief-chat": {
-        "resonation": 2.079,
-        "expression": 1.994,
-        "reception": 3.021,
-        "bystander": 74.104,
-        "combined": 0.3273,
+        "resonation": 2.033,
+        "expression": 2.01,
+        "reception": 3.068,
+        "bystander": 73.396,
+        "combined": 0.3232,
     },
     "exam-completion": {
-        "resonation": 2.383,
-        "expression": 1.896,
-        "reception": 3.1,
-        "bystander": 68.366,
-        "combined": 0.3144,
+        "resonation": 2.374,
+        "expression": 1.943,
+        "reception": 3.078,
+        "bystander": 68.17,
+        "combined": 0.3167,
     },
     "lonely-padded": {
-        "resonation": 1.579,
-        "expression": 1.612,
-        "reception": 1.455,
+        "resonation": 1.598,
+        "expression": 1.603,
+        "reception": 1.381,
         "bystander": 0.0,
-        "combined": -0.1908,
+        "combined": -0.196,
     },
     "lonely-specific": {
-        "resonation": 2.386,
-        "expression": 1.798,
-        "reception": 3.38,
-        "bystander": 94.305,
-        "combined": 0.4435,
+        "resonation": 2.384,
+        "expression": 1.749,
+        "reception": 3.097,
+        "bystander": 88.175,
+        "combined": 0.3975,
     },
     "intrusive": {
-        "resonation": 1.585,
-        "expression": 1.615,
-        "reception": 1.778,
-        "bystander": 13.54,
-        "combined": -0.1013,
+        "resonation": 1.605,
+        "expression": 1.607,
+        "reception": 1.706,
+        "bystander": 12.424,
+        "combined": -0.1103,
     },
     "advice-clear": {
-        "resonation": 1.83,
-        "expression": 1.706,
-        "reception": 2.582,
-        "bystander": 40.767,
-        "combined": 0.0987,
+        "resonation": 1.868,
+        "expression": 1.756,
+        "reception": 2.787,
+        "bystander": 43.06,
+        "combined": 0.1252,
     },
     "no-context": {
-        "resonation": 1.584,
-        "expression": 1.619,
-        "reception": 1.997,
-        "bystander": 37.51,
-        "combined": 0.0305,
+        "resonation": 1.604,
+        "expression": 1.61,
+        "reception": 1.802,
+        "bystander": 33.368,
+        "combined": 0.0003,
     },
 }
 
@@ -88,7 +88,7 @@ def results():
 
 def test_default_model_identity():
     scorer = Scorer()
-    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "1.0.0", "int8")
+    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "1.1.0", "int8")
 
 
 @pytest.mark.parametrize("record_id", sorted(GOLDEN))

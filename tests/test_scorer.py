@@ -65,6 +65,39 @@ def test_batch_size_independence(tiny_model_dir, scorer, batch_size):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("max_batch_tokens", [None, 16, 200])
+def test_token_budget_does_not_change_scores(tiny_model_dir, scorer, max_batch_tokens):
+    records = random_records(25, seed=7)
+    other = Scorer(tiny_model_dir, provider="cpu", max_batch_tokens=max_batch_tokens)
+    a = np.array([[r.raw[n] for n in PERSPECTIVES] for r in scorer.score(records)])
+    b = np.array([[r.raw[n] for n in PERSPECTIVES] for r in other.score(records)])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sorted_batches_respect_both_caps():
+    from perm_lite.scorer import sorted_batches
+
+    lengths = [5, 40, 3, 12, 12, 7, 100, 1, 9, 30]
+    batches = sorted_batches(lengths, batch_size=3, max_tokens=36)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each record exactly once
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # shortest first
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 36
+    assert [6] in batches and [1] in batches  # longer than the budget: alone
+    assert sorted_batches(lengths, batch_size=4) == [[7, 2, 0, 5], [8, 3, 4, 9], [1, 6]]
+
+
+def test_token_budget_defaults_to_cpu_value_and_validates(tiny_model_dir):
+    from perm_lite.scorer import CPU_BATCH_TOKENS
+
+    assert Scorer(tiny_model_dir, provider="cpu").max_batch_tokens == CPU_BATCH_TOKENS == 1024
+    assert Scorer(tiny_model_dir, provider="cpu", max_batch_tokens=None).max_batch_tokens is None
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer"):
+        Scorer(tiny_model_dir, provider="cpu", max_batch_tokens=0)
+
+
 def test_neighbours_do_not_change_a_score(scorer):
     target = {"query": "i lost my job", "response": "that sounds really hard"}
     alone = scorer.score_one(target).raw

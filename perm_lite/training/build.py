@@ -98,6 +98,7 @@ def build_model_dir(
     seed: int = 13,
     calibration_records: int = 300,
     method: str = "minmax",
+    ffn_blockwise_layers: list[int] | None = (0,),
     keep_fp32: bool = False,
     max_check_records: int = 0,
 ) -> dict:
@@ -119,6 +120,7 @@ def build_model_dir(
         version=version,
         max_length=max_length,
         method=method,
+        ffn_blockwise_layers=ffn_blockwise_layers,
         keep_fp32=True,
         extra_config=extra,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-_MATMUL = re.compile(r"^/encoder/(encoder/layer\.\d+/.+)/MatMul$")
+_MATMUL = re.compile(r"^/encoder/(encoder/layer\.\d+/.+)/MatMul(_Q8)?$")
 
 
 def _dequantize(graph_inits: dict, producer: dict, tensor: str) -> np.ndarray:
@@ -39,6 +39,19 @@ def _dequantize(graph_inits: dict, producer: dict, tensor: str) -> np.ndarray:
     return (q - zero) * scale
 
 
+def _dequantize_nbits(graph_inits: dict, node) -> np.ndarray:
+    """(N, K) weight of an 8-bit symmetric MatMulNBits node (blocks along K, zero point 128)."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("bits") != 8 or len(node.input) > 3 and node.input[3]:
+        raise ValueError(f"{node.name}: only 8-bit MatMulNBits without zero points is supported")
+    q = numpy_helper.to_array(graph_inits[node.input[1]]).astype(np.float32)  # (N, blocks, block_size)
+    scale = numpy_helper.to_array(graph_inits[node.input[2]]).astype(np.float32).reshape(q.shape[0], -1)
+    w = (q - 128.0) * scale[:, :, None]
+    return w.reshape(q.shape[0], -1)[:, : attrs["K"]].copy()
+
+
 def state_dict_from_int8(path: Path) -> dict[str, np.ndarray]:
     """PermRewardModel state dict (numpy arrays) from a perm-lite int8 ONNX file."""
     import onnx
@@ -59,9 +72,13 @@ def state_dict_from_int8(path: Path) -> dict[str, np.ndarray]:
         out[table] = q * numpy_helper.to_array(inits[table + "_scale"]).astype(np.float32)[:, None]
     for node in graph.node:
         match = _MATMUL.match(node.name)
-        if node.op_type == "MatMul" and match and not match.group(1).endswith("attention/self"):
-            key = "encoder." + match.group(1).replace("/", ".") + ".weight"
+        if not match or match.group(1).endswith("attention/self"):
+            continue
+        key = "encoder." + match.group(1).replace("/", ".") + ".weight"
+        if node.op_type == "MatMul":
             out[key] = _dequantize(inits, producer, node.input[1]).T.copy()
+        elif node.op_type == "MatMulNBits":
+            out[key] = _dequantize_nbits(inits, node)
     return out
 
 

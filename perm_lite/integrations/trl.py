@@ -1,0 +1,228 @@
+"""PERM rewards for TRL's GRPOTrainer: the combined reward and one callable per perspective.
+
+    from perm_lite.integrations.trl import perm_reward, perspective_rewards
+    trainer = GRPOTrainer(model=..., reward_funcs=[perm_reward()], ...)
+
+Each callable follows GRPOTrainer's `reward_funcs` contract: keyword arguments `prompts`,
+`completions`, `completion_ids` and every dataset column; it returns one float or None per
+completion. None means "no reward for this sample" (TRL ignores it for that function) and
+a warning on the `perm_lite` logger says why; it is never replaced by a batch mean.
+
+Context comes from PERM's dataset columns (`persona`, `scenario`, `query`) when the
+dataset has a `query` column, else from the prompt (a string, or chat messages whose last
+user turn is the seeker's message). Completions are strings or chat message lists; a
+`# Analysis` / `# Response` completion is split as in PERM. The model loads once per
+process and is shared by every callable made here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from perm_lite.records import RecordError, parse_record
+from perm_lite.scales import EMPATHY, PERSPECTIVES, bystander_term, empathy_reward, length_penalty
+from perm_lite.scorer import Result, Scorer
+
+log = logging.getLogger("perm_lite")
+RewardFunc = Callable[..., list[float | None]]
+
+_SCORERS: dict[tuple, Scorer] = {}
+_LOCK = threading.Lock()
+
+
+def shared_scorer(model: str = "default", provider: str = "auto", threads: int | None = None) -> Scorer:
+    """One Scorer per (model, provider, threads) per process."""
+    key = (str(model), provider, threads)
+    with _LOCK:
+        if key not in _SCORERS:
+            _SCORERS[key] = Scorer(model, provider=provider, threads=threads)
+        return _SCORERS[key]
+
+
+def _text_of(completion: Any) -> str:
+    """A completion as text: a string, or the assistant content of a message list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and all(isinstance(m, Mapping) for m in completion):
+        parts = [m.get("content") for m in completion if m.get("role", "assistant") == "assistant"]
+        if not parts or not all(isinstance(p, str) for p in parts):
+            raise RecordError("chat completion has no assistant message with string content", "completions")
+        return "\n".join(parts)
+    raise RecordError(f"expected a string or a list of messages, got {type(completion).__name__}", "completions")
+
+
+def _column(kwargs: Mapping[str, Any], name: str, i: int) -> Any:
+    values = kwargs.get(name)
+    return values[i] if isinstance(values, Sequence) and not isinstance(values, str) and i < len(values) else None
+
+
+def build_record(prompt: Any, completion: Any, columns: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """The perm-lite input record of completion i (raises RecordError when it cannot be built)."""
+    record: dict[str, Any] = {"completion": _text_of(completion)}
+    if columns.get("query") is not None:
+        for name in ("persona", "scenario", "query"):
+            value = _column(columns, name, i)
+            if value is not None:
+                record[name] = value
+    elif isinstance(prompt, str):
+        record["query"] = prompt
+    elif isinstance(prompt, Sequence):
+        record["messages"] = [dict(m) for m in prompt]
+    elif prompt is not None:
+        raise RecordError(f"expected a string or chat messages, got {type(prompt).__name__}", "prompts")
+    return record
+
+
+class _PermRewardBase:
+    def __init__(self, model: str, provider: str, threads: int | None, batch_size: int) -> None:
+        self.model, self.provider, self.threads, self.batch_size = model, provider, threads, batch_size
+
+    def _results(
+        self, prompts: Sequence[Any] | None, completions: Sequence[Any], columns: Mapping[str, Any]
+    ) -> list[Result | None]:
+        scorer = shared_scorer(self.model, self.provider, self.threads)
+        dialogues, where = [], []
+        for i, completion in enumerate(completions):
+            prompt = prompts[i] if prompts is not None and i < len(prompts) else None
+            try:
+                dialogues.append(parse_record(build_record(prompt, completion, columns, i)))
+                where.append(i)
+            except RecordError as exc:
+                log.warning("%s: completion %d gets no reward: %s", self.__name__, i, exc)
+        out: list[Result | None] = [None] * len(completions)
+        if dialogues:
+            previous = scorer.batch_size
+            scorer.batch_size = self.batch_size
+            try:
+                for i, result in zip(where, scorer.score_dialogues(dialogues)):
+                    out[i] = result
+            finally:
+                scorer.batch_size = previous
+        return out
+
+
+class PermReward(_PermRewardBase):
+    """PERM's combined reward: empathy combination + bystander term + length penalty.
+
+    Args:
+        combine: "harmonic" (the recipe's), "mean" or "geometric" over resonation,
+            expression and reception normalised as s/5.
+        weights: optional per-perspective weights for the empathy combination.
+        bystander_coef: coefficient of `coef * (b/100 - 1)`; 0 disables the term.
+        length_limit, length_coef: `-coef * max(0, n - limit)`, n counted in the policy's
+            tokens (`completion_ids`, which GRPOTrainer passes; or `tokenizer`); coef 0
+            disables it.
+        tokenizer: a callable text -> token count, used only when `completion_ids` is absent.
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        combine: str = "harmonic",
+        weights: Mapping[str, float] | None = None,
+        bystander_coef: float = 0.5,
+        length_limit: int = 768,
+        length_coef: float = 0.001,
+        tokenizer: Callable[[str], int] | None = None,
+        provider: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 32,
+        name: str = "perm",
+    ) -> None:
+        super().__init__(model, provider, threads, batch_size)
+        empathy_reward({p: 3.0 for p in EMPATHY}, combine, weights)  # fail now on a bad mode or weights
+        self.combine, self.weights = combine, dict(weights) if weights else None
+        self.bystander_coef, self.length_limit, self.length_coef = bystander_coef, length_limit, length_coef
+        self.tokenizer = tokenizer
+        self.__name__ = name
+
+    def reward(self, scores: Mapping[str, float], n_tokens: int | None) -> float:
+        """The reward for one set of calibrated scores and a completion length."""
+        value = empathy_reward(scores, self.combine, self.weights)
+        if self.bystander_coef:
+            value += bystander_term(scores["bystander"], self.bystander_coef)
+        if self.length_coef and n_tokens is not None:
+            value += length_penalty(n_tokens, self.length_limit, self.length_coef)
+        return value
+
+    def __call__(
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        if completions is None:
+            raise TypeError(f"{self.__name__}: completions is required")
+        results = self._results(prompts, completions, columns)
+        rewards: list[float | None] = []
+        for i, result in enumerate(results):
+            if result is None:
+                rewards.append(None)
+                continue
+            rewards.append(self.reward(result.scores, self._length(i, completions[i], completion_ids)))
+        return rewards
+
+    def _length(self, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> int | None:
+        if not self.length_coef:
+            return None
+        if completion_ids is not None:
+            return len(completion_ids[i])
+        if self.tokenizer is not None:
+            return self.tokenizer(_text_of(completion))
+        raise TypeError(
+            f"{self.__name__}: the length penalty needs completion_ids (GRPOTrainer passes them) or a "
+            "tokenizer=callable; pass length_coef=0 to disable it"
+        )
+
+
+class PerspectiveReward(_PermRewardBase):
+    """One perspective's calibrated score as a reward (1-5, or bystander 0-100), optionally
+    rescaled to 0-1 with `normalise=True` (s/5, b/100)."""
+
+    def __init__(
+        self,
+        perspective: str,
+        model: str = "default",
+        *,
+        normalise: bool = True,
+        provider: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if perspective not in PERSPECTIVES:
+            raise ValueError(f"unknown perspective {perspective!r}; choose one of {', '.join(PERSPECTIVES)}")
+        super().__init__(model, provider, threads, batch_size)
+        self.perspective, self.normalise = perspective, normalise
+        self.__name__ = f"perm_{perspective}"
+
+    def __call__(
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        if completions is None:
+            raise TypeError(f"{self.__name__}: completions is required")
+        scale = 100.0 if self.perspective == "bystander" else 5.0
+        out: list[float | None] = []
+        for result in self._results(prompts, completions, columns):
+            value = None if result is None else result.scores[self.perspective]
+            out.append(value / scale if value is not None and self.normalise else value)
+        return out
+
+
+def perm_reward(model: str = "default", **options: Any) -> PermReward:
+    """PERM's combined reward for `GRPOTrainer(reward_funcs=...)` (options: see PermReward)."""
+    return PermReward(model, **options)
+
+
+def perspective_rewards(model: str = "default", **options: Any) -> list[PerspectiveReward]:
+    """Four callables, `perm_resonation`, `perm_expression`, `perm_reception` and
+    `perm_bystander`, for multi-objective training (use `reward_weights` to mix them)."""
+    return [PerspectiveReward(p, model, **options) for p in PERSPECTIVES]

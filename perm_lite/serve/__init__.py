@@ -1,0 +1,1 @@
+"""HTTP serving (`perm serve`): needs the serve extra (fastapi, uvicorn)."""
