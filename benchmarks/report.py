@@ -161,6 +161,16 @@ def render(results: dict) -> str:
             ],
         ),
     ]
+    srt = _find(results["throughput"], "mix", 32, "pytorch fp32 sorted")
+    if srt and f["rows"] and f["rows"][0]["gflop_per_record"]:
+        achieved = srt["records_per_second"] * f["rows"][0]["gflop_per_record"]
+        parts.append(
+            f"\nPyTorch fp32 (sorted, batch 32, mix) sustains {achieved:.0f} GFLOP/s of model FLOPs, against "
+            f"onnxruntime's measured fp32 GEMM rate of {f['fp32_rate']}: the baseline already runs near this "
+            f"CPU's fp32 speed, so a {TARGETS['sorted']}x lead over it needs int8 work at "
+            f"{TARGETS['sorted'] * achieved:.0f} GOP/s overall, against a measured int8 GEMM rate of "
+            f"{f['int8_rate']} with nothing else counted.\n"
+        )
     p = results["profile"]
     parts += [
         "\n## Where the time goes\n",
@@ -225,6 +235,33 @@ def render(results: dict) -> str:
             ],
         ),
     ]
+    serve = results.get("serve")
+    if serve:
+        scenarios = [k for k, v in serve.items() if isinstance(v, dict)]
+        parts += [
+            "\n## `perm serve` under load (loopback)\n",
+            f"`benchmarks/load_serve.py`: {serve['clients']} concurrent clients for {serve['seconds']} s per "
+            f"scenario, {serve['record']}, each scenario on a fresh `perm serve` stopped with SIGTERM (exit "
+            "code -15 is uvicorn re-raising the signal after its graceful shutdown). The overload row sends "
+            "requests at twice the batched closed-loop rate, open loop. The load generator shares the "
+            "machine's two cores with the server.\n",
+            _table(
+                ["scenario", "offered/s", "answered 200", "errors", "200/s", "p50 ms", "p99 ms"],
+                [
+                    [
+                        name,
+                        serve[name].get("offered_per_second", "closed loop"),
+                        serve[name]["ok"],
+                        ", ".join(f"{k}: {v}" for k, v in serve[name]["errors"].items()) or "none",
+                        serve[name]["ok_per_second"],
+                        serve[name]["p50_ms"],
+                        serve[name]["p99_ms"],
+                    ]
+                    for name in scenarios
+                ],
+            ),
+            f"\nMicro-batching speed-up (200/s, batched over max-batch 1): {serve['batching_speedup']}x.\n",
+        ]
     notes = HERE / "NOTES.md"
     if notes.exists():
         parts += ["\n", notes.read_text()]

@@ -373,6 +373,10 @@ def main() -> None:
     mix_b32 = min(mix_rows, key=lambda r: abs(r["batch_size"] - 32))["records_per_second"]
     log("judge cost")
     results["judge_cost"] = judge_cost(read_dialogues(mix), cache, mix_b32, available_cores())
+    log("perm serve load test")
+    from load_serve import run as load_test
+
+    results["serve"] = load_test(seconds=5 if args.quick else 15)
     results["scale"] = scale([int(x) for x in args.scale.split(",")], cache)
     results["minutes"] = round((time.time() - started) / 60, 1)
     args.out.mkdir(parents=True, exist_ok=True)

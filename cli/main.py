@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -281,7 +282,7 @@ def export_model(
     output: Annotated[str, typer.Option("-o", "--output", help="Model directory to write.")],
     data: Annotated[str, typer.Option(help="Data folder: calibration, checks, score calibration.")],
     name: Annotated[str, typer.Option(help="Model name in config.json.")] = "perm-lite-minilm",
-    version: Annotated[str, typer.Option(help="Model version.")] = "1.0.0",
+    version: Annotated[str, typer.Option(help="Model version.")] = "1.1.0",
     max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 256,
     keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
     max_check_records: Annotated[int, typer.Option(help="Limit val/test records checked (0 = all).")] = 0,
@@ -440,3 +441,100 @@ def serve(
         raise _fail(str(exc), EXIT_USAGE) from None
     _err(f"perm serve: {scorer.config.name} {scorer.config.version} on {scorer.provider}, http://{host}:{port}")
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+@app.command()
+def judge(
+    input: Annotated[str, typer.Argument(help="JSONL file of dialogues to label.")],
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Labels JSONL to write.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Judge model name at that endpoint.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    max_retries: Annotated[int, typer.Option(min=0, help="Retries on 429, 5xx, timeouts.")] = 5,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 60.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (PERM: 0.3).")] = 0.3,
+    cache: Annotated[str | None, typer.Option(help="Answer cache (SQLite); default OUTPUT.cache.sqlite.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print calls, tokens and estimated cost; send nothing.")] = False,
+    price_input: Annotated[float, typer.Option(help="USD per 1M input tokens (default: gpt-4o-mini).")] = 0.15,
+    price_output: Annotated[float, typer.Option(help="USD per 1M output tokens (default: gpt-4o-mini).")] = 0.60,
+    on_error: Annotated[str, typer.Option(help="skip: report bad records and go on; stop: end at the first.")] = "skip",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+) -> None:
+    """Label records PERM's way: four rubric judgements per record from an LLM endpoint."""
+    from perm_lite.batch import count_lines, default_errors_path
+
+    try:
+        from perm_lite.judge.cache import AnswerCache
+        from perm_lite.judge.client import JudgeConfig
+        from perm_lite.judge.run import dry_run as judge_dry_run
+        from perm_lite.judge.run import judge_file
+    except ImportError as exc:
+        raise _fail(f"perm judge needs the judge extra: pip install 'perm-lite[judge]' ({exc})") from None
+    if on_error not in ("skip", "stop"):
+        raise typer.BadParameter("choose skip or stop", param_hint="--on-error")
+    if not Path(input).is_file():
+        raise _fail(f"input file {input} does not exist", EXIT_USAGE)
+    if not model:
+        raise _fail("--model is required (the judge model's name at the endpoint)", EXIT_USAGE)
+    if not base_url and not dry_run:
+        raise _fail("--base-url is required (an OpenAI-compatible endpoint)", EXIT_USAGE)
+    if not output and not dry_run:
+        raise _fail("-o OUTPUT is required", EXIT_USAGE)
+    config = JudgeConfig(
+        base_url=base_url or "",
+        model=model,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        max_retries=max_retries,
+        timeout=timeout,
+        temperature=temperature,
+    )
+    cache_path = Path(cache) if cache else (Path(output + ".cache.sqlite") if output else None)
+    answers = AnswerCache(cache_path) if cache_path else None
+    if dry_run:
+        with open(input, "rb") as source:
+            estimate = judge_dry_run(source, config, price_input, price_output, answers)
+        typer.echo(json.dumps(estimate, indent=2))
+        return
+    if not os.environ.get(api_key_env):
+        _err(f"note: ${api_key_env} is not set; requests go without an API key (fine for local servers)")
+    out_path = Path(output)
+    if out_path.exists() and out_path.stat().st_size and not overwrite:
+        raise _fail(
+            f"{out_path} exists: use --overwrite (answers already paid for come from the cache {cache_path})",
+            EXIT_USAGE,
+        )
+    errors_path = default_errors_path(output)
+    show = not quiet and sys.stderr.isatty()
+
+    def report(err) -> None:
+        if not quiet:
+            _err(f"skipped {err}" if on_error == "skip" else f"error: {err}")
+
+    with (
+        open(input, "rb") as source,
+        open(out_path, "w", encoding="utf-8") as sink,
+        open(errors_path, "w", encoding="utf-8") as errors_sink,
+        _progress(show, count_lines(input) if show else None) as tick,
+    ):
+        summary, client = judge_file(
+            config, source, sink, errors_sink, cache=answers, on_error=on_error, progress=tick, report_error=report
+        )
+    if answers is not None:
+        answers.close()
+    if summary.errors == 0 and errors_path.stat().st_size == 0:
+        errors_path.unlink()
+    stats = client.stats
+    if not quiet:
+        nulls = ", ".join(f"{k} {v}" for k, v in summary.null_labels.items() if v) or "none"
+        _err(
+            f"judged {summary.records} records in {summary.seconds:.1f} s: {stats.calls} requests "
+            f"({stats.retries} retries, {stats.failed} failed), {stats.cached} answers from the cache, "
+            f"{stats.input_tokens} input + {stats.output_tokens} output tokens billed; null labels: {nulls}"
+        )
+    if summary.errors:
+        raise typer.Exit(EXIT_RECORD_ERRORS)

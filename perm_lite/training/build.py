@@ -93,7 +93,7 @@ def build_model_dir(
     data_dir: Path,
     *,
     name: str = "perm-lite-minilm",
-    version: str = "1.0.0",
+    version: str = "1.1.0",
     max_length: int = 256,
     seed: int = 13,
     calibration_records: int = 300,

@@ -1,0 +1,1 @@
+"""The teacher path: label records PERM's way with an LLM judge (`perm judge`)."""
