@@ -538,3 +538,43 @@ def judge(
         )
     if summary.errors:
         raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+@app.command()
+def distill(
+    labels: Annotated[str, typer.Argument(help="Labels JSONL written by perm judge.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Model directory to write.")],
+    init: Annotated[str, typer.Option(help="Start from: 'default' (the shipped model), a model dir, or 'base'.")] = (
+        "default"
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 300,
+    name: Annotated[str, typer.Option(help="Model name in config.json.")] = "perm-lite-distilled",
+    version: Annotated[str, typer.Option(help="Model version.")] = "0.1.0",
+    max_length: Annotated[int, typer.Option(min=16, help="Max tokens per record.")] = 256,
+    run_dir: Annotated[
+        str | None, typer.Option(help="Checkpoints (a rerun resumes there); default OUTPUT.run.")
+    ] = None,
+    calibration_records: Annotated[int, typer.Option(min=1, help="Training records for int8 calibration.")] = 300,
+) -> None:
+    """Train a student on judge labels with the shipped recipe, export it to int8, evaluate it."""
+    with _train_extra("perm distill"):
+        from perm_lite.training.distill import distill as run_distill
+    if not Path(labels).is_file():
+        raise _fail(f"labels file {labels} does not exist", EXIT_USAGE)
+    out = Path(output)
+    try:
+        report = run_distill(
+            Path(labels),
+            out,
+            run_dir=Path(run_dir) if run_dir else out.with_name(out.name + ".run"),
+            init=init,
+            steps=steps,
+            name=name,
+            version=version,
+            max_length=max_length,
+            calibration_records=calibration_records,
+        )
+    except (ValueError, PermError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(json.dumps({"labels": report["labels"], "agreement_test": report["agreement_test"]}, indent=2))
+    _err(f"model written to {out} (card: {out / 'README.md'}); use it with --model {out}")

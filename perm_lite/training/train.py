@@ -116,8 +116,11 @@ def losses(model, data: EncodedCorpus, reg_idx, pairs, cfg: TrainConfig) -> tupl
     return total, {"mse": mse.item(), "rank": rank.item()}
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) and return the folder holding `model.safetensors`."""
+def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
+    """Train (or resume) and return the folder holding `model.safetensors`.
+
+    `corpus`: train on these examples instead of building the corpus from `cfg.data_dir`
+    (`perm distill` passes judge labels this way)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -130,7 +133,8 @@ def train(cfg: TrainConfig) -> Path:
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     base = base_encoder_dir()
     tokenizer = load_tokenizer(base / "tokenizer.json")
-    corpus = build_corpus(Path(cfg.data_dir), seed=cfg.seed)
+    if corpus is None:
+        corpus = build_corpus(Path(cfg.data_dir), seed=cfg.seed)
     if cfg.max_examples:
         corpus = subsample(corpus, cfg.max_examples, cfg.seed)
     data = EncodedCorpus(corpus, tokenizer, cfg.max_length, tokenizer.token_to_id("[PAD]"))
