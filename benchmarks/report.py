@@ -262,6 +262,18 @@ def render(results: dict) -> str:
             ),
             f"\nMicro-batching speed-up (200/s, batched over max-batch 1): {serve['batching_speedup']}x.\n",
         ]
+    ray_row = results.get("ray")
+    if ray_row:
+        rates = {k: v for k, v in ray_row.items() if k.startswith(("single", "ray "))}
+        parts += [
+            "\n## Ray engine (local cluster)\n",
+            f"`benchmarks/ray_bench.py`: {ray_row['records']:,} example records as one JSONL file, "
+            f"{ray_row['cluster']}; the whole job from submission to the last row, actor start-up included.\n",
+            _table(["engine", "records/s"], [[k, v] for k, v in rates.items()]),
+            f"\nPer-job overhead (start-up of an actor and its model, Ray Data planning), measured as a "
+            f"{10}-record job minus its scoring time: {ray_row['per_job_overhead_seconds']} s. On one 2-core "
+            "machine Ray only adds overhead; it is for clusters, where each node adds its cores.\n",
+        ]
     notes = HERE / "NOTES.md"
     if notes.exists():
         parts += ["\n", notes.read_text()]

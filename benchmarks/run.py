@@ -377,6 +377,13 @@ def main() -> None:
     from load_serve import run as load_test
 
     results["serve"] = load_test(seconds=5 if args.quick else 15)
+    try:
+        from ray_bench import run as ray_bench
+
+        log("ray engine")
+        results["ray"] = ray_bench(1000 if args.quick else 3000, cache)
+    except ImportError as exc:
+        results["skipped"].append(f"ray engine: {exc} (pip install 'perm-lite[ray]')")
     results["scale"] = scale([int(x) for x in args.scale.split(",")], cache)
     results["minutes"] = round((time.time() - started) / 60, 1)
     args.out.mkdir(parents=True, exist_ok=True)

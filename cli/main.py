@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,8 +106,16 @@ def score(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     cache_dir: Annotated[str | None, typer.Option(help="Cache for Hub models.")] = None,
+    engine: Annotated[str, typer.Option(help="local, or ray (input: files/directories; output: a directory).")] = (
+        "local"
+    ),
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray: scoring actors (one model each).")] = 2,
+    threads_per_worker: Annotated[int, typer.Option(min=1, help="Ray: onnxruntime threads per actor.")] = 1,
 ) -> None:
     """Score a JSONL file of dialogues; write one result line per record."""
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("choose local or ray", param_hint="--engine")
     from perm_lite.batch import (
         count_lines,
         default_errors_path,
@@ -129,6 +138,23 @@ def score(
     weight_map = {k: float(v) for k, v in parse_mapping(weights, "--weights").items()} if weights else None
     if weight_map and set(weight_map) - set(EMPATHY):
         raise typer.BadParameter(f"weights apply to {', '.join(EMPATHY)}", param_hint="--weights")
+    if engine == "ray":
+        options = {"combine": combine, "bystander_coef": bystander_coef, "weights": weight_map}
+        _score_on_ray(
+            input,
+            output,
+            model,
+            fields,
+            on_error,
+            resume,
+            overwrite,
+            quiet,
+            address,
+            workers,
+            threads_per_worker,
+            options,
+        )
+        return
     if input != "-" and not Path(input).is_file():
         raise _fail(f"input file {input} does not exist", EXIT_USAGE)
     out_path = None if output == "-" else Path(output)
@@ -208,6 +234,61 @@ def score(
         raise typer.Exit(EXIT_STOPPED)
     if summary.errors:
         raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+def _score_on_ray(
+    input: str,
+    output: str,
+    model: str,
+    fields: str | None,
+    on_error: str,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    address: str | None,
+    workers: int,
+    threads_per_worker: int,
+    scorer_options: dict,
+) -> None:
+    if resume:
+        raise _fail("--resume is for the local engine; a Ray run writes a fresh output directory", EXIT_USAGE)
+    if output == "-":
+        raise _fail("--engine ray writes a directory: give -o OUTPUT_DIR", EXIT_USAGE)
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise _fail(f"{out} exists and is not an empty directory: use --overwrite or another -o", EXIT_USAGE)
+    if on_error not in ("skip", "stop"):
+        raise typer.BadParameter("choose skip or stop", param_hint="--on-error")
+    try:
+        from perm_lite.integrations import ray_engine
+    except ImportError as exc:
+        raise _fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
+    if out.is_dir() and overwrite:
+        shutil.rmtree(out)
+    try:
+        summary = ray_engine.run(
+            input,
+            output,
+            address=address,
+            model=model,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            field_map=parse_mapping(fields, "--fields") or None,
+            scorer_options={k: v for k, v in scorer_options.items() if v is not None},
+            on_error=on_error,
+        )
+    except ImportError as exc:
+        raise _fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    if not quiet:
+        rate = summary.scored / summary.seconds if summary.seconds else 0.0
+        _err(
+            f"scored {summary.scored} records in {summary.seconds:.1f} s ({rate:.1f} rec/s) on Ray, "
+            f"{summary.errors} errors" + (f" (see {out / '_errors.jsonl'})" if summary.errors else "")
+        )
+    if summary.errors:
+        raise typer.Exit(EXIT_STOPPED if on_error == "stop" else EXIT_RECORD_ERRORS)
 
 
 @app.command()
