@@ -38,17 +38,7 @@ def _clean(value: Any) -> Any:
 
 
 class _ActorScorer:
-    def __init__(self, model: str, threads: int, batch_size: int, scorer_options: Mapping[str, Any] | None) -> None:
-        from perm_lite.scorer import Scorer
-
-        self.scorer = Scorer(model, provider="cpu", threads=threads, batch_size=batch_size, **(scorer_options or {}))
-        pid_dir = os.environ.get("PERM_LITE_RAY_PID_DIR")  # tests: lets a test kill a worker mid-run
-        if pid_dir:
-            Path(pid_dir, f"{os.getpid()}.pid").write_text(str(os.getpid()))
-
-
-class ScoreRows(_ActorScorer):
-    """map_batches callable: pyarrow batch of records in -> same columns + score columns out."""
+    """One Scorer per actor (loaded once, when Ray starts the actor)."""
 
     def __init__(
         self,
@@ -58,8 +48,17 @@ class ScoreRows(_ActorScorer):
         field_map: Mapping[str, str] | None = None,
         scorer_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, threads, batch_size, scorer_options)
+        from perm_lite.scorer import Scorer
+
+        self.scorer = Scorer(model, provider="cpu", threads=threads, batch_size=batch_size, **(scorer_options or {}))
         self.field_map = dict(field_map or {})
+        pid_dir = os.environ.get("PERM_LITE_RAY_PID_DIR")  # tests: lets a test kill a worker mid-run
+        if pid_dir:
+            Path(pid_dir, f"{os.getpid()}.pid").write_text(str(os.getpid()))
+
+
+class ScoreRows(_ActorScorer):
+    """map_batches callable: pyarrow batch of records in -> same columns + score columns out."""
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -90,17 +89,6 @@ class ScoreRows(_ActorScorer):
 
 class ScoreLines(_ActorScorer):
     """map_batches callable for raw JSONL lines (path, line, raw) -> (path, line, output, error)."""
-
-    def __init__(
-        self,
-        model: str = "default",
-        threads: int = 1,
-        batch_size: int = 32,
-        field_map: Mapping[str, str] | None = None,
-        scorer_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(model, threads, batch_size, scorer_options)
-        self.field_map = dict(field_map or {})
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -161,10 +149,25 @@ def _read_range(item: dict) -> list[dict]:
     return out
 
 
-def _map_options(workers: int, threads: int, batch_size: int) -> dict[str, Any]:
+def _map_options(
+    model: str,
+    workers: int,
+    threads: int,
+    batch_size: int,
+    field_map: Mapping[str, str] | None,
+    scorer_options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """map_batches arguments shared by both entry points: the actor pool and its Scorer."""
     import ray
 
     return {
+        "fn_constructor_kwargs": {
+            "model": str(model),
+            "threads": threads,
+            "batch_size": 32,
+            "field_map": field_map,
+            "scorer_options": dict(scorer_options),
+        },
         "batch_format": "pyarrow",
         "batch_size": batch_size,
         "compute": ray.data.ActorPoolStrategy(size=workers),
@@ -190,14 +193,7 @@ def score_dataset(
     """A Ray Dataset of records -> the same rows with score columns (lazy, like any map)."""
     return ds.map_batches(
         ScoreRows,
-        fn_constructor_kwargs={
-            "model": str(model),
-            "threads": threads_per_worker,
-            "batch_size": 32,
-            "field_map": field_map,
-            "scorer_options": scorer_options,
-        },
-        **_map_options(workers, threads_per_worker, batch_size),
+        **_map_options(model, workers, threads_per_worker, batch_size, field_map, scorer_options),
     )
 
 
@@ -215,8 +211,6 @@ def score_jsonl_lines(
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # Reading and splitting lines is light: they take no CPU slot, so they never wait
-    # behind the scoring actors, which reserve one slot per onnxruntime thread.
     # Blocks of `batch_size` lines, each read by a zero-CPU task (reading never waits
     # behind the scoring actors, which reserve one CPU slot per onnxruntime thread), at
     # most `workers` at a time (zero-CPU tasks are otherwise unbounded).
@@ -227,12 +221,5 @@ def score_jsonl_lines(
     )
     return lines.map_batches(
         ScoreLines,
-        fn_constructor_kwargs={
-            "model": str(model),
-            "threads": threads_per_worker,
-            "batch_size": 32,
-            "field_map": field_map,
-            "scorer_options": scorer_options,
-        },
-        **_map_options(workers, threads_per_worker, batch_size),
+        **_map_options(model, workers, threads_per_worker, batch_size, field_map, scorer_options),
     )

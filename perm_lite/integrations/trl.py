@@ -80,6 +80,21 @@ class _PermRewardBase:
     def __init__(self, model: str, provider: str, threads: int | None, batch_size: int) -> None:
         self.model, self.provider, self.threads, self.batch_size = model, provider, threads, batch_size
 
+    def __call__(
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        """GRPOTrainer's reward_funcs call: one float or None per completion."""
+        if completions is None:
+            raise TypeError(f"{self.__name__}: completions is required")
+        return self._rewards(prompts, completions, completion_ids, columns)
+
+    def _rewards(self, prompts, completions, completion_ids, columns) -> list[float | None]:
+        raise NotImplementedError
+
     def _results(
         self, prompts: Sequence[Any] | None, completions: Sequence[Any], columns: Mapping[str, Any]
     ) -> list[Result | None]:
@@ -149,15 +164,13 @@ class PermReward(_PermRewardBase):
             value += length_penalty(n_tokens, self.length_limit, self.length_coef)
         return value
 
-    def __call__(
+    def _rewards(
         self,
-        prompts: Sequence[Any] | None = None,
-        completions: Sequence[Any] | None = None,
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **columns: Any,
+        prompts: Sequence[Any] | None,
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None,
+        columns: Mapping[str, Any],
     ) -> list[float | None]:
-        if completions is None:
-            raise TypeError(f"{self.__name__}: completions is required")
         results = self._results(prompts, completions, columns)
         rewards: list[float | None] = []
         for i, result in enumerate(results):
@@ -200,15 +213,13 @@ class PerspectiveReward(_PermRewardBase):
         self.perspective, self.normalise = perspective, normalise
         self.__name__ = f"perm_{perspective}"
 
-    def __call__(
+    def _rewards(
         self,
-        prompts: Sequence[Any] | None = None,
-        completions: Sequence[Any] | None = None,
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **columns: Any,
+        prompts: Sequence[Any] | None,
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None,
+        columns: Mapping[str, Any],
     ) -> list[float | None]:
-        if completions is None:
-            raise TypeError(f"{self.__name__}: completions is required")
         scale = 100.0 if self.perspective == "bystander" else 5.0
         out: list[float | None] = []
         for result in self._results(prompts, completions, columns):
