@@ -351,7 +351,17 @@ def main() -> None:
     parser.add_argument("--optimum-python", type=Path, default=ROOT / ".bench-optimum" / "bin" / "python")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--quick", action="store_true", help="Small smoke run: 64 records, 1 repeat, 1k/10k scale.")
+    parser.add_argument(
+        "--render-only", action="store_true", help="Rewrite RESULTS.md and the chart from OUT/results.json."
+    )
     args = parser.parse_args()
+    if args.render_only:
+        from report import render
+
+        results = json.loads((args.out / "results.json").read_text())
+        chart(results["throughput"], args.out / "throughput.png")
+        (args.out / "RESULTS.md").write_text(render(results))
+        return
     if args.quick:
         args.records, args.repeats, args.scale = 64, 1, "1000,10000"
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
