@@ -217,7 +217,7 @@ def score_file(
                 if parsed.error is not None:
                     summary.errors += 1
                     if errors_sink is not None:
-                        errors_sink.write(json.dumps(_error_record(parsed), ensure_ascii=False) + "\n")
+                        errors_sink.write(json.dumps(error_record(parsed), ensure_ascii=False) + "\n")
                         errors_sink.flush()
                     if report_error:
                         report_error(parsed.error)
@@ -241,7 +241,8 @@ def score_file(
     return summary
 
 
-def _error_record(parsed: ParsedLine) -> dict[str, Any]:
+def error_record(parsed: ParsedLine) -> dict[str, Any]:
+    """The errors-file entry of a bad line: line, field, reason, and the record's id if it has one."""
     err = parsed.error
     out: dict[str, Any] = {"line": parsed.line, "field": err.field, "error": err.reason}
     if parsed.record is not None and "id" in parsed.record:

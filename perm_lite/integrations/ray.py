@@ -67,7 +67,8 @@ class ScoreRows(_ActorScorer):
         dialogues, where = [], []
         errors: list[str | None] = [None] * len(rows)
         for i, row in enumerate(rows):
-            record = {k: _clean(v) for k, v in row.items() if _clean(v) is not None and k not in SCORE_COLUMNS}
+            cleaned = {k: _clean(v) for k, v in row.items() if k not in SCORE_COLUMNS}
+            record = {k: v for k, v in cleaned.items() if v is not None}
             try:
                 dialogues.append(parse_record(record, self.field_map))
                 where.append(i)
@@ -93,7 +94,7 @@ class ScoreLines(_ActorScorer):
     def __call__(self, batch):
         import pyarrow as pa
 
-        from perm_lite.batch import output_record, parse_line
+        from perm_lite.batch import error_record, output_record, parse_line
 
         paths, lines, raws = (batch.column(c).to_pylist() for c in ("path", "line", "raw"))
         parsed = [parse_line(n, raw, self.field_map) for n, raw in zip(lines, raws)]
@@ -105,10 +106,7 @@ class ScoreLines(_ActorScorer):
             outputs[i] = json.dumps(output_record(parsed[i].record, result, lines[i]), ensure_ascii=False)
         for i, p in enumerate(parsed):
             if p.error is not None:
-                entry = {"file": paths[i], "line": lines[i], "field": p.error.field, "error": p.error.reason}
-                if isinstance(p.record, dict) and "id" in p.record:
-                    entry["id"] = p.record["id"]
-                errors[i] = json.dumps(entry, ensure_ascii=False)
+                errors[i] = json.dumps({"file": paths[i], **error_record(p)}, ensure_ascii=False)
         return pa.table(
             {
                 "path": pa.array(paths, pa.string()),

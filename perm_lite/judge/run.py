@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from perm_lite.batch import ParsedLine, read_records
+from perm_lite.batch import ParsedLine, error_record, read_records
 from perm_lite.judge.client import CallFailed, ChatClient, JudgeConfig
 from perm_lite.judge.parse import parse_answer
 from perm_lite.records import RecordError
@@ -36,14 +36,16 @@ class JudgeSummary:
         return dict(self.__dict__)
 
 
-def _tokens(text: str) -> tuple[int, str]:
-    """Token count with o200k_base when tiktoken has it locally, else ~4 characters a token."""
+def _token_counter() -> tuple[Callable[[str], int], str]:
+    """Token counting with o200k_base when tiktoken has it locally, else ~4 characters a token
+    (looked up once per dry run, not once per prompt)."""
     try:
         import tiktoken
 
-        return len(tiktoken.get_encoding("o200k_base").encode(text)), "o200k_base"
+        encoding = tiktoken.get_encoding("o200k_base")
+        return (lambda text: len(encoding.encode(text))), "o200k_base"
     except Exception:  # not installed, or its file is not cached and the network is closed
-        return max(1, len(text) // 4), "characters/4"
+        return (lambda text: max(1, len(text) // 4)), "characters/4"
 
 
 def dry_run(
@@ -53,7 +55,7 @@ def dry_run(
     from perm_lite.judge.cache import request_key
 
     records = calls = cached = input_tokens = output_tokens = errors = 0
-    method = ""
+    count_tokens, method = _token_counter()
     for parsed in read_records(source):
         if parsed.dialogue is None:
             errors += 1
@@ -66,8 +68,7 @@ def dry_run(
                 cached += 1
                 continue
             calls += 1
-            n, method = _tokens("\n".join(m["content"] for m in messages))
-            input_tokens += n + 3 * len(messages) + 3
+            input_tokens += count_tokens("\n".join(m["content"] for m in messages)) + 3 * len(messages) + 3
             output_tokens += OUTPUT_TOKENS_ESTIMATE[perspective]
     cost = (input_tokens * price_input + output_tokens * price_output) / 1e6
     return {
@@ -77,7 +78,7 @@ def dry_run(
         "cached_calls": cached,
         "input_tokens": input_tokens,
         "output_tokens_estimate": output_tokens,
-        "token_count_method": method or "none needed",
+        "token_count_method": method if calls else "none needed",
         "price_per_million": {"input": price_input, "output": price_output},
         "estimated_cost": round(cost, 4),
     }
@@ -142,10 +143,7 @@ def judge_file(
                 if parsed.error is not None:
                     summary.errors += 1
                     if errors_sink is not None:
-                        errors_sink.write(
-                            json.dumps({"line": parsed.line, "field": parsed.error.field, "error": parsed.error.reason})
-                            + "\n"
-                        )
+                        errors_sink.write(json.dumps(error_record(parsed), ensure_ascii=False) + "\n")
                     if report_error:
                         report_error(parsed.error)
                     if on_error == "stop":
