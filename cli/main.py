@@ -363,8 +363,8 @@ def export_model(
     output: Annotated[str, typer.Option("-o", "--output", help="Model directory to write.")],
     data: Annotated[str, typer.Option(help="Data folder: calibration, checks, score calibration.")],
     name: Annotated[str, typer.Option(help="Model name in config.json.")] = "perm-lite-minilm",
-    version: Annotated[str, typer.Option(help="Model version.")] = "1.1.0",
-    max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 256,
+    version: Annotated[str, typer.Option(help="Model version.")] = "2.0.0",
+    max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 384,
     keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
     max_check_records: Annotated[int, typer.Option(help="Limit val/test records checked (0 = all).")] = 0,
     calibration_records: Annotated[int, typer.Option(min=1, help="Training records for int8 calibration.")] = 300,
@@ -412,11 +412,19 @@ def eval_model(
     model: Annotated[str, typer.Option(help="Model to evaluate.")] = "default",
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     out: Annotated[str | None, typer.Option(help="Write the full report as JSON here.")] = None,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="Also evaluate a PyTorch training checkpoint: NAME=FOLDER (repeatable)."),
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Token budget for --checkpoint models.")] = 384,
+    no_model: Annotated[bool, typer.Option("--no-model", help="Evaluate only the --checkpoint models.")] = False,
 ) -> None:
-    """Per-head metrics on the shared test splits against two baselines (length, TF-IDF ridge)."""
+    """Validity against baselines (length, TF-IDF ridge) in one run: held-out mint
+    conversations, held-out iEval people, the contrastive check set and the older sources."""
     with _train_extra("perm eval"):
         from perm_lite.training.evaluate import run_evaluation, to_markdown
-    result = run_evaluation(model, data, split)
+    checkpoints = parse_mapping(",".join(checkpoint or []), "--checkpoint") if checkpoint else {}
+    result = run_evaluation("" if no_model else model, data, split, checkpoints=checkpoints, max_length=max_length)
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(to_markdown(result))

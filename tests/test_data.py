@@ -34,15 +34,62 @@ def test_heads_supervised_by_the_documented_sources(corpus):
 
     labelled = defaultdict(set)
     for e in corpus.examples:
-        if e.kind == "human":
+        if e.kind in ("human", "chatbot"):
             for head, j in HEAD.items():
                 if not np.isnan(e.targets[j]):
                     labelled[head].add(e.source)
-    assert labelled["resonation"] == {"epitome"}
-    assert labelled["expression"] == {"epitome", "condolence"}
-    assert labelled["reception"] == {"condolence", "failedesconv", "esconv"}
-    assert "bystander" not in labelled  # only pairs and weak negatives
-    assert {p.source for p in corpus.pairs} >= {"counselchat", "weak:mismatched", "weak:generic", "weak:padded"}
+    assert labelled["resonation"] == {"epitome", "mint", "ieval"}
+    assert labelled["expression"] == {"epitome", "condolence", "mint", "ieval"}
+    assert labelled["reception"] == {"condolence", "failedesconv", "esconv", "mint", "ieval"}
+    assert labelled["bystander"] == {"ieval"}  # elsewhere only pairs and weak negatives
+    assert {p.source for p in corpus.pairs} >= {
+        "counselchat",
+        "mint",
+        "ieval",
+        "weak:mismatched",
+        "weak:generic",
+        "weak:padded",
+        "cf:padded",
+        "cf:dismissive_inserted",
+        "cf:offtopic",
+        "cf:removed:interpretations",
+        "cf:removed:emotional-reactions",
+    }
+
+
+def test_chatbot_sources_split_by_conversation_and_person(corpus):
+    by_conversation, by_person = defaultdict(set), defaultdict(set)
+    for e in corpus.examples:
+        if e.source == "mint" and e.kind in ("human", "chatbot"):
+            by_conversation[e.meta["conversation"]].add(e.split)
+        if e.source == "ieval" and e.kind == "chatbot":
+            by_person[e.meta["person"]].add(e.split)
+    assert len(by_conversation) == 35 and all(len(s) == 1 for s in by_conversation.values())
+    assert len(by_person) == 240 and all(len(s) == 1 for s in by_person.values())
+    assert {s for v in by_conversation.values() for s in v} == {"train", "val", "test"}
+
+
+def test_mint_pairs_follow_the_judge(corpus):
+    from perm_lite.training.chatbot_data import mint_head_scores
+    from perm_lite.training.data import PERSPECTIVES
+
+    mint = [p for p in corpus.pairs if p.source == "mint"]
+    assert len(mint) > 50_000
+    for p in mint[:: len(mint) // 500]:
+        head = PERSPECTIVES[p.heads[0]]
+        better = mint_head_scores(corpus.examples[p.better].meta["labels"])[head]
+        worse = mint_head_scores(corpus.examples[p.worse].meta["labels"])[head]
+        assert better - worse >= 0.5
+
+
+def test_a_left_out_source_is_absent_everywhere():
+    from perm_lite.training.data import SOURCES, build_corpus
+
+    corpus = build_corpus(DATA, seed=13, sources=[s for s in SOURCES if s != "ieval"])
+    assert not any(e.source == "ieval" for e in corpus.examples)
+    assert not any(p.source == "ieval" for p in corpus.pairs)
+    with pytest.raises(ValueError, match="unknown training sources"):
+        build_corpus(DATA, sources=["mint", "reddit"])
 
 
 def test_targets_are_normalised(corpus):

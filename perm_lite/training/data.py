@@ -1,16 +1,21 @@
-"""Loaders that map the public human ratings onto the four PERM heads.
+"""Loaders that map the public ratings onto the four PERM heads.
 
 Design (the model card repeats it):
+- chatbot replies (chatbot_data.py): mint (LLM-judge scores on ~23 replies per context)
+  and iEval (the seeker's own ratings of four chatbots) on all heads they label, with
+  within-context ranking pairs; these are the sources closest to what users score.
 - resonation  <- EPITOME interpretations (weight 0.7) and explorations (0.3), levels 0-2
 - expression  <- EPITOME emotional reactions (0-2); condolence empathy rating (1-5)
 - reception   <- FailedESConv per-turn seeker feedback (1-5); condolence rating (1-5);
                  ESConv seeker survey `empathy` (1-5, one rating per dialogue, weight 0.3)
 - bystander   <- counsel-chat within-question upvote order (pairs only, no absolute label)
 - all heads   <- weak supervision (weak.py): a reply from another context, generic filler,
-                 dismissive or intrusive replies, padding, truncated replies.
+                 dismissive or intrusive replies, padding, truncated replies; and
+                 counterfactual pairs with a known direction (counterfactual.py).
 Every target is normalised to 0-1 (level/2 or (rating-1)/4); a head without a label is
 NaN and masked out of the loss. Splits are the published ones where they exist, else a
-deterministic hash of the context id (80/10/10), so one context never spans two splits.
+deterministic hash of the context id (80/10/10; mint by conversation and iEval by person,
+70/10/20), so one context never spans two splits.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class Example:
     group: str  # context id: splits and pairs never cross it
     split: str
     weight: float = 1.0
-    kind: str = "human"  # or the weak-supervision generator's name
+    kind: str = "human"  # "chatbot", or the weak-supervision / counterfactual generator's name
+    meta: dict = field(default_factory=dict)  # source-specific facts (mint variant, judge labels, ...)
 
 
 @dataclass
@@ -267,7 +273,7 @@ NO_BYSTANDER = (HEAD["resonation"], HEAD["expression"], HEAD["reception"])
 def add_weak_supervision(corpus: Corpus, seed: int = 0) -> None:
     """One weak variant per human example (see weak.py); pairs stay inside a context."""
     rng = random.Random(seed)
-    humans = [i for i, e in enumerate(corpus.examples) if e.kind == "human"]
+    humans = [i for i, e in enumerate(corpus.examples) if e.kind in ("human", "chatbot")]
     by_source: dict[str, list[int]] = defaultdict(list)
     for i in humans:
         by_source[(corpus.examples[i].source, corpus.examples[i].split)].append(i)
@@ -308,17 +314,44 @@ def add_weak_supervision(corpus: Corpus, seed: int = 0) -> None:
         corpus.pairs.append(Pair(i, j, heads, f"weak:{kind}"))
 
 
-def build_corpus(data_dir: Path, seed: int = 0) -> Corpus:
-    """Load every source under `data_dir` (the layout of ../shared/data) and add weak pairs."""
+SOURCES = ("epitome", "condolence", "esconv", "failedesconv", "counselchat", "mint", "ieval", "weak", "counterfactual")
+
+
+def build_corpus(data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[str] = SOURCES) -> Corpus:
+    """Load the named sources under `data_dir` (the layout of ../shared/data).
+
+    `weak` adds the weak-supervision variants and `counterfactual` the counterfactual pairs
+    (counterfactual.py) of the loaded sources; a source left out is absent from every split
+    (leave-one-source-out runs)."""
+    from perm_lite.training import chatbot_data, counterfactual
+
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown training sources {sorted(unknown)}; choose from {list(SOURCES)}")
     data_dir = Path(data_dir)
     corpus = Corpus()
-    for examples in (
-        load_epitome(data_dir / "epitome"),
-        load_condolence(data_dir / "condolence"),
-        load_esconv(data_dir / "esconv", seed=seed),
-        load_failed_esconv(data_dir / "esconv"),
-    ):
-        corpus.examples.extend(examples)
-    load_counsel_chat(data_dir / "counsel-chat", corpus)
-    add_weak_supervision(corpus, seed=seed)
+    loaders = {
+        "epitome": lambda: load_epitome(data_dir / "epitome"),
+        "condolence": lambda: load_condolence(data_dir / "condolence"),
+        "esconv": lambda: load_esconv(data_dir / "esconv", seed=seed),
+        "failedesconv": lambda: load_failed_esconv(data_dir / "esconv"),
+    }
+    for name, load in loaders.items():
+        if name in sources:
+            corpus.examples.extend(load())
+    if "counselchat" in sources:
+        load_counsel_chat(data_dir / "counsel-chat", corpus)
+    if "mint" in sources:
+        chatbot_data.add_mint(corpus, data_dir / "mint")
+    if "ieval" in sources:
+        chatbot_data.add_ieval(corpus, data_dir / "ieval")
+    if "weak" in sources:
+        add_weak_supervision(corpus, seed=seed)
+    if "counterfactual" in sources:
+        counterfactual.add_counterfactuals(corpus, data_dir, seed=seed, with_epitome="epitome" in sources)
     return corpus
+
+
+def family(source: str) -> str:
+    """The sampling family of a pair source or example kind: `weak:generic` -> `weak`."""
+    return source.split(":", 1)[0]

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from perm_lite.records import Dialogue
 from perm_lite.scales import PERSPECTIVES
+from perm_lite.training.chatbot_eval import (
+    LENGTH_MATCH,
+    chatbot_evaluation,
+    chatbot_markdown,
+    length_predictor,
+    with_combined,
+    words,
+)
 from perm_lite.training.data import HEAD, Corpus
 
-Predictor = Callable[[Sequence[Dialogue]], np.ndarray]  # dialogues -> (n, 4) scores
+Predictor = Callable[[Sequence[Dialogue]], np.ndarray]  # dialogues -> (n, 5): heads, combined
 PRIMARY = {
     "resonation": ("epitome", "pearson"),
     "expression": ("epitome", "pearson"),
@@ -44,15 +53,6 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return pearson(_rank(a), _rank(b))
-
-
-def words(text: str) -> int:
-    return len(text.split())
-
-
-def length_predictor(dialogues: Sequence[Dialogue]) -> np.ndarray:
-    n = np.log1p([words(d.response) for d in dialogues])
-    return np.repeat(n[:, None], len(PERSPECTIVES), axis=1)
 
 
 def fit_tfidf_ridge(corpus: Corpus, alpha: float = 3.0) -> Predictor:
@@ -87,7 +87,7 @@ def fit_tfidf_ridge(corpus: Corpus, alpha: float = 3.0) -> Predictor:
 
     def predict(dialogues: Sequence[Dialogue]) -> np.ndarray:
         f = features(dialogues)
-        return np.stack([m.predict(f) for m in models], axis=1)
+        return with_combined(np.stack([m.predict(f) for m in models], axis=1))
 
     return predict
 
@@ -127,7 +127,7 @@ def evaluate(corpus: Corpus, predictors: dict[str, Predictor], split: str = "tes
 
 def _metrics(corpus, idx, position, pred, split, seed) -> dict:
     out: dict = {"correlation": {}, "pairs": {}, "length": {}}
-    humans = [i for i in idx if corpus.examples[i].kind == "human"]
+    humans = [i for i in idx if corpus.examples[i].kind in ("human", "chatbot")]
     by_source: dict[str, list[int]] = defaultdict(list)
     for i in humans:
         by_source[corpus.examples[i].source].append(i)
@@ -162,7 +162,7 @@ def _metrics(corpus, idx, position, pred, split, seed) -> dict:
 
 def _length_matched(corpus, humans, position, pred, seed, max_pairs: int = 4000) -> dict:
     """Accuracy on pairs from one source whose labels differ by >= 0.25 and whose replies'
-    word counts are within 20% of each other: length cannot decide these."""
+    word counts are within 25% of each other: length cannot decide these."""
     rng = np.random.default_rng(seed)
     out = {}
     for head, j in HEAD.items():
@@ -182,7 +182,7 @@ def _length_matched(corpus, humans, position, pred, seed, max_pairs: int = 4000)
                 if abs(tx - ty) < 0.25:
                     continue
                 lx, ly = words(ex.dialogue.response), words(ey.dialogue.response)
-                if min(lx, ly) / max(lx, ly, 1) < 0.8:
+                if min(lx, ly) < LENGTH_MATCH * max(lx, ly, 1):
                     continue
                 better, worse = (x, y) if tx > ty else (y, x)
                 hits.append(int(pred[position[better], j] > pred[position[worse], j]))
@@ -212,31 +212,79 @@ def primary_verdicts(report: dict, model: str = "perm-lite") -> dict[str, dict]:
 
 
 def scorer_predictor(model: str) -> Predictor:
-    """The shipped runtime as a predictor: calibrated scores from the int8 ONNX model."""
+    """The shipped runtime as a predictor: calibrated scores from the int8 ONNX model, and
+    the combined score (recipe defaults) as a fifth column."""
     from perm_lite.scorer import Scorer
 
     scorer = Scorer(model, provider="cpu")
 
     def predict(dialogues: Sequence[Dialogue]) -> np.ndarray:
-        return np.array([[r.scores[h] for h in PERSPECTIVES] for r in scorer.score_dialogues(list(dialogues))])
+        results = scorer.score_dialogues(list(dialogues))
+        return np.array([[r.scores[h] for h in PERSPECTIVES] + [r.combined] for r in results])
 
     return predict
 
 
-def run_evaluation(model: str, data_dir: str, split: str = "test", seed: int = 13) -> dict:
-    """Evaluate a model directory and both baselines on the same split, in one run."""
-    from pathlib import Path
+def checkpoint_predictor(folder: str, max_length: int = 384, batch_size: int = 32) -> Predictor:
+    """A training checkpoint (`final/` or `checkpoint/`) in PyTorch fp32: raw head outputs on
+    the 0-1 target scale plus the combined score computed from them (`with_combined`)."""
+    import torch
+    from safetensors.torch import load_file
 
+    from perm_lite.text import encode_dialogues, load_tokenizer, pad_batch
+    from perm_lite.training.model import PermRewardModel, base_encoder_dir
+
+    model = PermRewardModel.from_base(base_encoder_dir())
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    model.eval()
+    tokenizer = load_tokenizer(str(base_encoder_dir() / "tokenizer.json"))
+    pad_id = tokenizer.token_to_id("[PAD]")
+
+    def predict(dialogues: Sequence[Dialogue]) -> np.ndarray:
+        encodings = encode_dialogues(list(dialogues), tokenizer, max_length)
+        order = np.argsort([len(e) for e in encodings], kind="stable")
+        out = np.zeros((len(encodings), len(PERSPECTIVES)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                arrays = pad_batch([encodings[k] for k in chunk], pad_id)
+                out[chunk] = model(**{k: torch.from_numpy(v) for k, v in arrays.items()}).numpy()
+        return with_combined(out)
+
+    return predict
+
+
+def run_evaluation(
+    model: str,
+    data_dir: str,
+    split: str = "test",
+    seed: int = 13,
+    checkpoints: dict[str, str] | None = None,
+    max_length: int = 384,
+) -> dict:
+    """Evaluate a model directory (and any PyTorch checkpoints) beside the length and TF-IDF
+    ridge baselines in one run: the older sources' test splits, held-out mint conversations,
+    held-out iEval people and the contrastive check set."""
     from perm_lite.training.data import build_corpus
 
     corpus = build_corpus(Path(data_dir), seed=seed)
-    predictors = {
-        "perm-lite": scorer_predictor(model),
-        "length": length_predictor,
-        "tfidf-ridge": fit_tfidf_ridge(corpus),
-    }
+    predictors: dict[str, Predictor] = {}
+    if model:
+        predictors["perm-lite"] = scorer_predictor(model)
+    for name, folder in (checkpoints or {}).items():
+        predictors[name] = checkpoint_predictor(folder, max_length)
+    predictors["length"] = length_predictor
+    predictors["tfidf-ridge"] = fit_tfidf_ridge(corpus)
+    first = next(iter(predictors))
     report = evaluate(corpus, predictors, split=split, seed=seed)
-    return {"split": split, "model": model, "metrics": report, "primary": primary_verdicts(report)}
+    return {
+        "split": split,
+        "model": model,
+        "checkpoints": checkpoints or {},
+        "metrics": report,
+        "primary": primary_verdicts(report, first),
+        "chatbot": chatbot_evaluation(Path(data_dir), predictors, split),
+    }
 
 
 def to_markdown(result: dict) -> str:
@@ -277,4 +325,6 @@ def to_markdown(result: dict) -> str:
         else:
             cells = " | ".join(f"{metrics[m]['length'][key]:.3f}" for m in names)
         lines.append(f"| {key} | {cells} |")
+    if "chatbot" in result:
+        lines += ["", chatbot_markdown(result["chatbot"])]
     return "\n".join(lines) + "\n"
