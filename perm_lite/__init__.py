@@ -1,8 +1,18 @@
 """perm-lite: fast, local PERM empathy scores (resonation, expression, reception, bystander)."""
 
+from perm_lite.explain import Contribution, Explanation
 from perm_lite.guardrail import Guardrail, Verdict
 from perm_lite.records import RecordError
 from perm_lite.scorer import Result, Scorer
 
 __version__ = "0.2.0"
-__all__ = ["Scorer", "Result", "RecordError", "Guardrail", "Verdict", "__version__"]
+__all__ = [
+    "Scorer",
+    "Result",
+    "Explanation",
+    "Contribution",
+    "RecordError",
+    "Guardrail",
+    "Verdict",
+    "__version__",
+]

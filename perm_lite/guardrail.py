@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from perm_lite.explain import CHECKS, Explanation, explain_dialogue
 from perm_lite.records import parse_record
-from perm_lite.scales import PERSPECTIVES
 from perm_lite.scorer import Result, Scorer
 
-CHECKS = (*PERSPECTIVES, "combined")
 ON_FAIL = ("return", "raise", "regenerate")
 
 
@@ -38,6 +37,10 @@ class Verdict:
     latency_ms: float
     attempt: int = 1
     history: list[Verdict] = field(default_factory=list)  # earlier attempts (regenerate only)
+    # When flagged: the reply sentence whose removal would raise the first failing score
+    # most, {"check", "sentence", "start", "end", "delta"}; delta < 0 is how much that
+    # sentence lowered the score (None when no sentence lowered it).
+    culprit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -60,6 +63,19 @@ def _validate_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
     if unknown:
         raise ValueError(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
     return {k: float(v) for k, v in thresholds.items()}
+
+
+def _culprit(explanation: Explanation, check: str) -> dict[str, Any] | None:
+    worst = explanation.most_harmful(check)
+    if worst is None:
+        return None
+    return {
+        "check": check,
+        "sentence": worst.text,
+        "start": worst.start,
+        "end": worst.end,
+        "delta": worst.deltas[check],
+    }
 
 
 class Guardrail:
@@ -102,7 +118,10 @@ class Guardrail:
         started = time.perf_counter()
         dialogue = parse_record(record)
         (result,) = self.scorer.score_dialogues([dialogue])
-        return self.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000, attempt)
+        verdict = self.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000, attempt)
+        if verdict.flagged:
+            verdict.culprit = _culprit(explain_dialogue(self.scorer, dialogue), verdict.failed[0])
+        return verdict
 
     def check(self, record: Mapping[str, Any]) -> Verdict:
         """Score one record (a perm-lite input object) and apply `on_fail`."""

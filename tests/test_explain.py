@@ -1,0 +1,89 @@
+"""Occlusion explanations: sentence splitting, faithfulness, JSON round trip, guardrail culprit."""
+
+import json
+import re
+
+import pytest
+
+from perm_lite import Explanation, Guardrail, Scorer
+from perm_lite.explain import EMPTY_REPLY, split_sentences
+
+REPLY = (
+    "I'm so sorry about your dad. Pull yourself together, life goes on! "
+    "What do you miss most about him?\nTake your time."
+)
+RECORD = {
+    "messages": [
+        {"role": "user", "content": "My dad died last week."},
+        {"role": "assistant", "content": "I'm so sorry."},
+        {"role": "user", "content": "I keep thinking I should have called him more."},
+    ],
+    "response": REPLY,
+}
+
+
+def test_split_sentences_spans():
+    spans = split_sentences(REPLY)
+    assert [REPLY[a:b] for a, b in spans] == [
+        "I'm so sorry about your dad.",
+        "Pull yourself together, life goes on!",
+        "What do you miss most about him?",
+        "Take your time.",
+    ]
+    assert split_sentences("no end mark") == [(0, 11)]
+    assert split_sentences("   ") == []
+
+
+@pytest.fixture(scope="module")
+def default_scorer():
+    return Scorer(provider="cpu")
+
+
+def test_removing_a_sentence_moves_the_score_by_the_reported_amount(default_scorer):
+    explanation = default_scorer.explain(RECORD)
+    assert isinstance(explanation, Explanation)
+    assert len(explanation.sentences) == 4
+    full = default_scorer.score([RECORD])[0]
+    assert explanation.result.combined == pytest.approx(full.combined, abs=1e-6)
+    top = explanation.top("combined", k=1, helped=True) or explanation.top("combined", k=1, helped=False)
+    sentence = top[0]
+    shortened = re.sub(r"[ \t]{2,}", " ", (REPLY[: sentence.start] + " " + REPLY[sentence.end :]).strip())
+    without = default_scorer.score([{**RECORD, "response": shortened}])[0]
+    assert full.combined - without.combined == pytest.approx(sentence.deltas["combined"], abs=1e-4)
+    for head in ("resonation", "expression", "reception", "bystander"):
+        assert full.scores[head] - without.scores[head] == pytest.approx(sentence.deltas[head], abs=1e-3)
+
+
+def test_explanation_is_json_ready_and_ranks_consistently(default_scorer):
+    explanation = default_scorer.explain(RECORD, context=True)
+    data = json.loads(json.dumps(explanation.to_dict()))
+    assert [s["text"] for s in data["sentences"]][1] == "Pull yourself together, life goes on!"
+    assert [c["part"] for c in data["context"]] == ["history:0", "history:1", "query"]
+    helped = explanation.top("reception", k=4)
+    assert all(a.deltas["reception"] >= b.deltas["reception"] for a, b in zip(helped, helped[1:]))
+    assert all(c.deltas["reception"] > 0 for c in helped)
+    with pytest.raises(ValueError, match="unknown check"):
+        explanation.top("warmth")
+
+
+def test_one_sentence_reply_is_compared_with_an_empty_placeholder(default_scorer):
+    explanation = default_scorer.explain({"query": "I failed my exam.", "response": "ok"})
+    placeholder = default_scorer.score([{"query": "I failed my exam.", "response": EMPTY_REPLY}])[0]
+    (only,) = explanation.sentences
+    assert only.deltas["combined"] == pytest.approx(explanation.result.combined - placeholder.combined, abs=1e-6)
+
+
+def test_guardrail_names_the_sentence_that_hurt_most(default_scorer):
+    guard = Guardrail({"combined": 10.0}, scorer=default_scorer)  # always fails
+    verdict = guard.check(RECORD)
+    assert verdict.flagged and verdict.failed == ["combined"]
+    explanation = default_scorer.explain(RECORD)
+    worst = explanation.most_harmful("combined")
+    if worst is None:
+        assert verdict.culprit is None
+    else:
+        assert verdict.culprit["sentence"] == worst.text
+        assert verdict.culprit["delta"] == pytest.approx(worst.deltas["combined"], abs=1e-6)
+        assert verdict.culprit["delta"] < 0
+    passing = Guardrail({"combined": -10.0}, scorer=default_scorer).check(RECORD)
+    assert not passing.flagged and passing.culprit is None
