@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -84,6 +85,70 @@ def _progress(show: bool, total: int | None) -> Iterator[Callable[[int], None] |
         yield tick
 
 
+class CombineChoice(StrEnum):
+    harmonic = "harmonic"
+    mean = "mean"
+    geometric = "geometric"
+
+
+class ProviderChoice(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnErrorChoice(StrEnum):
+    skip = "skip"
+    stop = "stop"
+
+
+class EngineChoice(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+def _finite(value: float, option: str) -> float:
+    """A finite float, or a one-line usage error (NaN and infinity would poison every score)."""
+    if not math.isfinite(value):
+        raise _fail(f"{option} must be a finite number, got {value}", EXIT_USAGE)
+    return value
+
+
+def _parse_weights(text: str | None) -> dict[str, float] | None:
+    """--weights resonation=1,reception=2: known names, finite non-negative numbers, not all zero."""
+    from perm_lite.scales import EMPATHY
+
+    if not text:
+        return None
+    try:
+        pairs = parse_mapping(text, "--weights")
+    except typer.BadParameter as exc:
+        raise _fail(f"--weights: {exc.message}", EXIT_USAGE) from None
+    weights = {}
+    for name, value in pairs.items():
+        if name not in EMPATHY:
+            raise _fail(f"--weights: unknown perspective {name!r}; weights apply to {', '.join(EMPATHY)}", EXIT_USAGE)
+        try:
+            number = float(value)
+        except ValueError:
+            raise _fail(f"--weights {name}={value!r}: not a number", EXIT_USAGE) from None
+        if not math.isfinite(number) or number < 0:
+            raise _fail(f"--weights {name}={value!r}: must be a finite number >= 0", EXIT_USAGE)
+        weights[name] = number
+    if not any(weights.values()):
+        raise _fail("--weights: at least one weight must be above 0", EXIT_USAGE)
+    return weights
+
+
+def _check_input(input: str) -> None:
+    if input == "-":
+        return
+    if not os.path.exists(input):
+        raise _fail(f"input file {input} does not exist", EXIT_USAGE)
+    if os.path.isdir(input):
+        raise _fail(f"input {input} is a directory; give a JSONL file (or --engine ray for directories)", EXIT_USAGE)
+
+
 @app.command()
 def score(
     input: Annotated[str, typer.Argument(help="JSONL file of dialogues, or - for stdin.")],
@@ -91,61 +156,68 @@ def score(
     model: Annotated[str, typer.Option(help="Catalogue name, model directory, or owner/repo@revision.")] = "default",
     batch_size: Annotated[int, typer.Option(min=1, help="Records per inference batch.")] = 32,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: available cores).")] = None,
-    provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    combine: Annotated[str, typer.Option(help="Empathy combination: harmonic, mean or geometric.")] = "harmonic",
+    provider: Annotated[ProviderChoice, typer.Option(help="Execution provider.")] = ProviderChoice.auto,
+    combine: Annotated[CombineChoice, typer.Option(help="Empathy combination.")] = CombineChoice.harmonic,
     weights: Annotated[str | None, typer.Option(help="Perspective weights, e.g. resonation=1,reception=2.")] = None,
     bystander_coef: Annotated[float, typer.Option(help="Bystander term coefficient (0 disables).")] = 0.5,
     fields: Annotated[
         str | None, typer.Option(help="Map field names, e.g. response=reply,query=question (ours=theirs).")
     ] = None,
-    on_error: Annotated[str, typer.Option(help="skip: report bad records and go on; stop: end at the first.")] = "skip",
+    on_error: Annotated[
+        OnErrorChoice, typer.Option(help="skip: report bad records and go on; stop: end at the first.")
+    ] = OnErrorChoice.skip,
     errors: Annotated[
-        str | None, typer.Option(help="Where bad records are reported (default OUTPUT.errors.jsonl).")
+        str | None,
+        typer.Option(help="Where bad records are reported (default OUTPUT.errors.jsonl; perm-errors.jsonl with -o -)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run: skip lines already in OUTPUT.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing OUTPUT (and its errors file) once the run succeeds.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     cache_dir: Annotated[str | None, typer.Option(help="Cache for Hub models.")] = None,
-    engine: Annotated[str, typer.Option(help="local, or ray (input: files/directories; output: a directory).")] = (
-        "local"
-    ),
+    engine: Annotated[
+        EngineChoice, typer.Option(help="local, or ray (input: files/directories; output: a directory).")
+    ] = EngineChoice.local,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray: scoring actors (one model each).")] = 2,
     threads_per_worker: Annotated[int, typer.Option(min=1, help="Ray: onnxruntime threads per actor.")] = 1,
 ) -> None:
     """Score a JSONL file of dialogues; write one result line per record."""
-    if engine not in ("local", "ray"):
-        raise typer.BadParameter("choose local or ray", param_hint="--engine")
     from perm_lite.batch import (
+        OutputWriteError,
+        StreamSink,
+        TargetError,
         count_lines,
         default_errors_path,
-        fsync_close,
         open_input,
+        plan_outputs,
         prepare_resume,
         previous_error_lines,
+        printable,
         score_file,
     )
-    from perm_lite.records import KNOWN_FIELDS
-    from perm_lite.scales import EMPATHY
+    from perm_lite.records import KNOWN_FIELDS, RecordError
     from perm_lite.scorer import Scorer
 
-    if on_error not in ("skip", "stop"):
-        raise typer.BadParameter("choose skip or stop", param_hint="--on-error")
-    field_map = parse_mapping(fields, "--fields")
+    on_error_mode = on_error.value
+    try:
+        field_map = parse_mapping(fields, "--fields")
+    except typer.BadParameter as exc:
+        raise _fail(f"--fields: {exc.message}", EXIT_USAGE) from None
     unknown = set(field_map) - set(KNOWN_FIELDS)
     if unknown:
-        raise typer.BadParameter(f"unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}")
-    weight_map = {k: float(v) for k, v in parse_mapping(weights, "--weights").items()} if weights else None
-    if weight_map and set(weight_map) - set(EMPATHY):
-        raise typer.BadParameter(f"weights apply to {', '.join(EMPATHY)}", param_hint="--weights")
-    if engine == "ray":
-        options = {"combine": combine, "bystander_coef": bystander_coef, "weights": weight_map}
+        raise _fail(f"--fields: unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}", 2)
+    weight_map = _parse_weights(weights)
+    bystander_coef = _finite(bystander_coef, "--bystander-coef")
+    if engine is EngineChoice.ray:
+        options = {"combine": combine.value, "bystander_coef": bystander_coef, "weights": weight_map}
         _score_on_ray(
             input,
             output,
             model,
             fields,
-            on_error,
+            on_error_mode,
             resume,
             overwrite,
             quiet,
@@ -155,64 +227,80 @@ def score(
             options,
         )
         return
-    if input != "-" and not Path(input).is_file():
-        raise _fail(f"input file {input} does not exist", EXIT_USAGE)
+    _check_input(input)
     out_path = None if output == "-" else Path(output)
     if out_path is None and resume:
         raise _fail("--resume needs an output file (-o OUT.jsonl), not stdout", EXIT_USAGE)
-    if out_path and out_path.exists() and out_path.stat().st_size and not (resume or overwrite):
-        raise _fail(f"{out_path} exists: use --resume to continue it or --overwrite to replace it", EXIT_USAGE)
     errors_path = Path(errors) if errors else default_errors_path(output)
+    try:
+        plan = plan_outputs(input, out_path, errors_path, resume=resume, overwrite=overwrite)
+        skip = prepare_resume(out_path) if (resume and out_path) else set()
+        if resume:
+            skip |= previous_error_lines(errors_path)
+    except TargetError as exc:
+        raise _fail(str(exc), exc.code) from None
+    except RecordError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    except OSError as exc:
+        raise _fail(f"cannot read {exc.filename or out_path}: {exc.strerror or exc}") from None
     try:
         scorer = Scorer(
             model,
-            provider=provider,
+            provider=provider.value,
             threads=threads,
             batch_size=batch_size,
-            combine=combine,
+            combine=combine.value,
             weights=weight_map,
             bystander_coef=bystander_coef,
             cache_dir=cache_dir,
         )
-        skip = prepare_resume(out_path) if (resume and out_path) else set()
-    except (PermError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    if resume:
-        skip |= previous_error_lines(errors_path)
+    except KeyboardInterrupt:
+        raise _fail("interrupted before scoring started; nothing was written", 130) from None
+    except Exception as exc:  # PermError (model, provider) or a model file onnxruntime cannot load
+        message = str(exc) if isinstance(exc, PermError | ValueError | OSError) else f"{type(exc).__name__}: {exc}"
+        raise _fail(printable(message)) from None
     show = not quiet and sys.stderr.isatty()
-    sink = sys.stdout if out_path is None else open(out_path, "a" if resume else "w", encoding="utf-8")
-    errors_sink = open(errors_path, "a" if resume else "w", encoding="utf-8")
     error_count = 0
 
     def report(err) -> None:
         nonlocal error_count
         error_count += 1
         if error_count <= 20 and not quiet:
-            _err(f"skipped {err}" if on_error == "skip" else f"error: {err}")
+            _err(printable(f"skipped {err}" if on_error_mode == "skip" else f"error: {err}"))
         elif error_count == 21 and not quiet:
             _err(f"... more errors in {errors_path}")
 
+    sink = plan.output if plan.output is not None else StreamSink(sys.stdout)
     try:
+        if plan.output is not None:
+            plan.output.open()  # created (or the replacement started) before the first record
         with open_input(input) as source, _progress(show, count_lines(input) if show else None) as tick:
             summary = score_file(
                 scorer,
                 source,
                 sink,
-                errors_sink,
-                on_error=on_error,
+                plan.errors,
+                on_error=on_error_mode,
                 skip_lines=skip,
                 field_map=field_map,
                 progress=tick,
                 report_error=report,
             )
-    finally:
-        if out_path is not None:
-            fsync_close(sink)
+        if summary.interrupted and plan.replacing:
+            plan.abort()  # --overwrite replaces only on success: the old files stay whole
         else:
-            sink.flush()
-        errors_sink.close()
-    if summary.errors == 0 and not resume and errors_path.exists() and errors_path.stat().st_size == 0:
-        errors_path.unlink()
+            plan.commit()
+    except OutputWriteError as exc:
+        plan.abort()
+        if isinstance(sink, StreamSink):
+            sink.silence()
+        raise _fail(printable(str(exc))) from None
+    except OSError as exc:  # reading the input
+        plan.abort()
+        raise _fail(f"cannot read {input}: {exc.strerror or exc}") from None
+    except Exception as exc:  # the model failed on every record: not one record's fault
+        plan.abort()
+        raise _fail(f"scoring failed ({type(exc).__name__}: {printable(str(exc))})") from None
     if not quiet:
         info = summary.to_dict()
         means = ", ".join(f"{k} {v}" for k, v in info["means"].items())
@@ -222,18 +310,84 @@ def score(
         )
         if means:
             _err(f"means: {means}")
-        if summary.errors:
+        if summary.errors and not (summary.interrupted and plan.replacing):
             _err(f"errors written to {errors_path}")
         if summary.replaced_fields:
             _err(f"note: {summary.replaced_fields} records already had scores/combined/perm fields; they were replaced")
         _err(f"model {scorer.model_name} {scorer.config.version} ({scorer.variant}) on {scorer.provider}")
     if summary.interrupted:
-        _err("interrupted: output holds every record scored so far; rerun with --resume to finish")
+        if plan.replacing:
+            _err(f"interrupted: {out_path} was left as it was (--overwrite replaces it only when a run finishes)")
+        else:
+            _err("interrupted: output holds every record scored so far; rerun with --resume to finish")
         raise typer.Exit(130)
     if summary.stopped_early:
         raise typer.Exit(EXIT_STOPPED)
     if summary.errors:
         raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+_RAY_OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+
+
+def _ray_output_entry(entry: Path) -> bool:
+    """Whether `entry` looks like a file an earlier perm Ray run wrote (and --overwrite may replace)."""
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    if entry.name == "_errors.jsonl":
+        return True
+    if entry.suffix == ".jsonl":
+        with open(entry, "rb") as fh:
+            first = fh.readline()
+        if not first.strip():
+            return entry.stat().st_size == 0
+        try:
+            return isinstance(json.loads(first)["perm"]["line"], int)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return False
+    if entry.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return "perm_combined" in pq.read_schema(entry).names
+        except Exception:  # no pyarrow, or not a Parquet file
+            return False
+    return False
+
+
+def _check_ray_paths(input: str, out: Path, overwrite: bool) -> list[Path]:
+    """Refuse an output directory that would overwrite an input or hold files perm did not
+    write; returns the earlier perm outputs that --overwrite replaces (files, never trees)."""
+    src = Path(input)
+    if not src.exists():
+        raise _fail(f"input {input} does not exist", EXIT_USAGE)
+    if not (out.exists() or out.is_symlink()):
+        return []
+    if not out.is_dir():
+        raise _fail(f"{out} exists and is not a directory: --engine ray writes a directory", EXIT_USAGE)
+    real_out = out.resolve()
+    inputs = [src.resolve()]
+    if src.is_dir():
+        inputs += [p.resolve() for p in src.iterdir() if p.suffix in _RAY_OUTPUT_SUFFIXES]
+    for path in inputs:
+        if real_out == path or (path.is_file() and real_out == path.parent):
+            raise _fail(
+                f"-o {out} would overwrite the input ({path}): outputs are named like the input files; "
+                "choose another directory",
+                EXIT_USAGE,
+            )
+    entries = sorted(out.iterdir())
+    if entries and not overwrite:
+        raise _fail(f"{out} exists and is not an empty directory: use --overwrite or another -o", EXIT_USAGE)
+    foreign = [e.name for e in entries if not _ray_output_entry(e)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise _fail(
+            f"{out} holds files perm did not write ({shown}): --overwrite replaces only an earlier perm "
+            "Ray output; choose another -o",
+            EXIT_USAGE,
+        )
+    return entries
 
 
 def _score_on_ray(
@@ -255,16 +409,18 @@ def _score_on_ray(
     if output == "-":
         raise _fail("--engine ray writes a directory: give -o OUTPUT_DIR", EXIT_USAGE)
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise _fail(f"{out} exists and is not an empty directory: use --overwrite or another -o", EXIT_USAGE)
-    if on_error not in ("skip", "stop"):
-        raise typer.BadParameter("choose skip or stop", param_hint="--on-error")
+    earlier = _check_ray_paths(input, out, overwrite)
     try:
+        import ray  # noqa: F401 - known to import before anything is replaced
+
         from perm_lite.integrations import ray_engine
     except ImportError as exc:
         raise _fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
-    if out.is_dir() and overwrite:
-        shutil.rmtree(out)
+    try:
+        for entry in earlier:  # an earlier perm output, checked above: files only, never a tree
+            entry.unlink()
+    except OSError as exc:
+        raise _fail(f"cannot replace {exc.filename}: {exc.strerror or exc}") from None
     try:
         summary = ray_engine.run(
             input,
@@ -485,7 +641,7 @@ def bench(
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for all).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port).")] = 8000,
     model: Annotated[str, typer.Option(help="Catalogue name, model directory, or owner/repo@revision.")] = "default",
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: available cores).")] = None,
     provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -497,22 +653,54 @@ def serve(
     queue_size: Annotated[int, typer.Option(min=1, help="Requests waiting before 503.")] = 64,
     max_records: Annotated[int, typer.Option(min=1, help="Records per /v1/score request.")] = 256,
     max_body_kb: Annotated[int, typer.Option(min=1, help="Request body limit in KiB.")] = 1024,
+    max_queue_records: Annotated[
+        int, typer.Option(min=1, help="Records held by requests waiting or being scored before 503.")
+    ] = 4096,
+    max_queue_chars: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Characters (request-body bytes) held by requests being read, waiting or scored before 503."
+        ),
+    ] = 16_000_000,
+    shutdown_timeout: Annotated[
+        float, typer.Option(min=0, help="On SIGTERM, seconds to answer accepted requests; the rest get 503.")
+    ] = 10.0,
+    auth_token_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding an API key; requests then need Authorization: Bearer KEY."),
+    ] = None,
+    docs: Annotated[
+        bool, typer.Option(help="Serve /docs and /redoc (their JavaScript and CSS load from a CDN).")
+    ] = False,
 ) -> None:
     """HTTP API: POST /v1/score, POST /v1/check, GET /healthz, GET /v1/model (serve extra)."""
     from perm_lite.scorer import Scorer
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         from perm_lite.serve.app import create_app
+        from perm_lite.serve.server import bind
+        from perm_lite.serve.server import serve as serve_app
     except ImportError as exc:
         raise _fail(f"perm serve needs the serve extra: pip install 'perm-lite[serve]' ({exc})") from None
+    if provider not in ("auto", "cpu", "cuda"):
+        raise _fail(f"--provider {provider!r}: choose auto, cpu or cuda", EXIT_USAGE)
     thresholds = {}
     for name, value in parse_mapping(threshold, "--threshold").items():
         try:
             thresholds[name] = float(value)
         except ValueError:
             raise _fail(f"--threshold {name}={value!r}: not a number", EXIT_USAGE) from None
+    auth_token = None
+    if auth_token_env is not None:
+        auth_token = os.environ.get(auth_token_env, "").strip()
+        if not auth_token:
+            raise _fail(f"--auth-token-env {auth_token_env}: ${auth_token_env} is not set or empty", EXIT_USAGE)
+    try:
+        sock = bind(host, port)  # before the model loads: a busy port is one line, exit 1
+    except PermError as exc:
+        raise _fail(str(exc)) from None
     try:
         scorer = Scorer(model, provider=provider, threads=threads)
         app_ = create_app(
@@ -523,13 +711,27 @@ def serve(
             queue_size=queue_size,
             max_body_bytes=max_body_kb * 1024,
             max_records=max_records,
+            max_queue_records=max_queue_records,
+            max_queue_chars=max_queue_chars,
+            shutdown_timeout=shutdown_timeout,
+            auth_token=auth_token,
+            docs=docs,
         )
     except PermError as exc:
+        sock.close()
         raise _fail(str(exc)) from None
     except ValueError as exc:
+        sock.close()
         raise _fail(str(exc), EXIT_USAGE) from None
-    _err(f"perm serve: {scorer.config.name} {scorer.config.version} on {scorer.provider}, http://{host}:{port}")
-    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    port = sock.getsockname()[1]
+    auth = f", API key from ${auth_token_env}" if auth_token else ""
+    _err(f"perm serve: {scorer.config.name} {scorer.config.version} on {scorer.provider}, http://{host}:{port}{auth}")
+    try:
+        serve_app(app_, sock, shutdown_timeout)
+    except PermError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it after its graceful shutdown
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -551,6 +753,9 @@ def judge(
     price_output: Annotated[float, typer.Option(help="USD per 1M output tokens (default: gpt-4o-mini).")] = 0.60,
     on_error: Annotated[str, typer.Option(help="skip: report bad records and go on; stop: end at the first.")] = "skip",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    allow_insecure_http: Annotated[
+        bool, typer.Option(help="Send the API key over plain http to a host other than this machine.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Label records PERM's way: four rubric judgements per record from an LLM endpoint."""
@@ -558,7 +763,7 @@ def judge(
 
     try:
         from perm_lite.judge.cache import AnswerCache
-        from perm_lite.judge.client import JudgeConfig
+        from perm_lite.judge.client import AuthFailed, InsecureEndpoint, JudgeConfig, check_endpoint
         from perm_lite.judge.run import dry_run as judge_dry_run
         from perm_lite.judge.run import judge_file
     except ImportError as exc:
@@ -581,7 +786,16 @@ def judge(
         max_retries=max_retries,
         timeout=timeout,
         temperature=temperature,
+        allow_insecure_http=allow_insecure_http,
     )
+    if not dry_run:
+        try:
+            check_endpoint(config.base_url, bool(os.environ.get(api_key_env)), allow_insecure_http)
+        except InsecureEndpoint as exc:
+            raise _fail(str(exc), EXIT_USAGE) from None
+        for path in (Path(output), default_errors_path(output)):
+            if path.exists() and os.path.samefile(path, input):
+                raise _fail(f"{path} is the input file: write the labels somewhere else", EXIT_USAGE)
     cache_path = Path(cache) if cache else (Path(output + ".cache.sqlite") if output else None)
     answers = AnswerCache(cache_path) if cache_path else None
     if dry_run:
@@ -610,9 +824,14 @@ def judge(
         open(errors_path, "w", encoding="utf-8") as errors_sink,
         _progress(show, count_lines(input) if show else None) as tick,
     ):
-        summary, client = judge_file(
-            config, source, sink, errors_sink, cache=answers, on_error=on_error, progress=tick, report_error=report
-        )
+        try:
+            summary, client = judge_file(
+                config, source, sink, errors_sink, cache=answers, on_error=on_error, progress=tick, report_error=report
+            )
+        except AuthFailed as exc:  # a refused key: one line, nothing more sent
+            if answers is not None:
+                answers.close()
+            raise _fail(str(exc)) from None
     if answers is not None:
         answers.close()
     if summary.errors == 0 and errors_path.stat().st_size == 0:
@@ -625,7 +844,11 @@ def judge(
             f"({stats.retries} retries, {stats.failed} failed), {stats.cached} answers from the cache, "
             f"{stats.input_tokens} input + {stats.output_tokens} output tokens billed; null labels: {nulls}"
         )
-    if summary.errors:
+        if summary.failed_calls:
+            _err(f"{summary.failed_calls} calls failed: their labels are null (see judge.*.problem in {out_path})")
+    if summary.stopped_early:
+        raise typer.Exit(EXIT_STOPPED)
+    if summary.errors or summary.failed_calls:
         raise typer.Exit(EXIT_RECORD_ERRORS)
 
 

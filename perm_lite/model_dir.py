@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from perm_lite.errors import ModelError
@@ -18,6 +20,10 @@ CONFIG_NAME = "config.json"
 FORMAT = "perm-lite-model/1"
 DEFAULT_MODEL = "perm-lite-minilm"
 GENERATED_FIELDS = ("files", "format", "template", "perspectives", "scales")
+VARIANTS = ("int8", "fp32", "fp16")  # the ONNX variants a model directory may hold
+MAX_LENGTH_RANGE = (16, 512)  # tokens per record; the MiniLM encoder has 512 positions
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -96,60 +102,174 @@ def sha256_file(path: Path) -> str:
 
 
 def _require(data: dict, key: str, kind: type, where: Path):
-    if key not in data or not isinstance(data[key], kind):
+    if key not in data or not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
         raise ModelError(f"{where}: '{key}' is missing or not a {kind.__name__}")
     return data[key]
 
 
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (booleans are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _allowed_roots(model_dir: Path) -> list[Path]:
+    """Where a model's files may live: the directory itself and, for a Hugging Face Hub
+    snapshot (`models--owner--name/snapshots/<rev>/`), that repository's blob store, which
+    the snapshot's files link to."""
+    root = model_dir.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _inside(model_dir: Path, name: Any, what: str, cfg_path: Path) -> str:
+    """Refuse a file name that is not a plain relative path resolving inside the model directory."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"{cfg_path}: {what} must be a file name, not {name!r}")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if "\0" in name or posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        raise ModelError(f"{cfg_path}: {what} {name!r} must be a path relative to the model directory")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ModelError(f"{cfg_path}: {what} {name!r} points outside the model directory")
+    try:
+        target = (model_dir / name).resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise ModelError(f"{cfg_path}: {what} {name!r} cannot be resolved ({exc})") from None
+    roots = _allowed_roots(model_dir)
+    if target == roots[0] or not any(target == root or root in target.parents for root in roots):
+        raise ModelError(f"{cfg_path}: {what} {name!r} resolves outside the model directory (a link to {target}?)")
+    return name
+
+
+def _check_perspectives(data: dict, cfg_path: Path) -> tuple[str, ...]:
+    value = data.get("perspectives")
+    if not isinstance(value, list) or not value or not all(isinstance(p, str) and p for p in value):
+        raise ModelError(f"{cfg_path}: 'perspectives' must be a non-empty list of names")
+    if len(set(value)) != len(value):
+        raise ModelError(f"{cfg_path}: 'perspectives' lists a name twice ({value})")
+    if tuple(value) != PERSPECTIVES:
+        raise ModelError(f"{cfg_path}: perspectives {value} differ from {list(PERSPECTIVES)}")
+    return tuple(value)
+
+
+def _check_scales(data: dict, perspectives: tuple[str, ...], cfg_path: Path) -> dict[str, tuple[float, float]]:
+    value = data.get("scales", {k: list(v) for k, v in SCALES.items()})
+    if not isinstance(value, dict):
+        raise ModelError(f"{cfg_path}: 'scales' must map each perspective to [low, high]")
+    unknown = sorted(set(value) - set(perspectives))
+    missing = [p for p in perspectives if p not in value]
+    if unknown or missing:
+        raise ModelError(
+            f"{cfg_path}: 'scales' must cover exactly {list(perspectives)} (missing {missing}, unknown {unknown})"
+        )
+    scales = {}
+    for name in perspectives:
+        pair = value[name]
+        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair) or pair[0] >= pair[1]:
+            raise ModelError(f"{cfg_path}: scale of {name} must be [low, high], two finite numbers with low < high")
+        scales[name] = (float(pair[0]), float(pair[1]))
+    return scales
+
+
+def _check_calibration(data: dict, perspectives: tuple[str, ...], cfg_path: Path) -> dict[str, Calibration]:
+    value = data.get("calibration", {})
+    if not isinstance(value, dict):
+        raise ModelError(f"{cfg_path}: 'calibration' must map heads to {{raw, score}} knots")
+    out = {}
+    for head, cal in value.items():
+        where = f"{cfg_path}: calibration of {head!r}"
+        if head not in perspectives:
+            raise ModelError(f"{where}: not a perspective of this model ({', '.join(perspectives)})")
+        if not isinstance(cal, dict):
+            raise ModelError(f"{where}: must be an object with 'raw' and 'score' lists")
+        raw, score = cal.get("raw"), cal.get("score")
+        if not isinstance(raw, list) or not isinstance(score, list) or len(raw) != len(score) or len(raw) < 2:
+            raise ModelError(f"{where}: 'raw' and 'score' must be lists of equal length, at least 2 knots")
+        if not all(_is_number(v) for v in [*raw, *score]):
+            raise ModelError(f"{where}: every knot must be a finite number")
+        if any(b <= a for a, b in zip(raw, raw[1:])):
+            raise ModelError(f"{where}: 'raw' knots must be strictly increasing")
+        if any(b < a for a, b in zip(score, score[1:])):
+            raise ModelError(f"{where}: 'score' knots must not decrease (the map is monotone)")
+        if "method" in cal and not isinstance(cal["method"], str):
+            raise ModelError(f"{where}: 'method' must be a name such as 'anchor'")
+        out[head] = Calibration(tuple(float(v) for v in raw), tuple(float(v) for v in score))
+    return out
+
+
 def read_config(model_dir: Path, verify: bool = True) -> ModelConfig:
-    """Read and check a model directory; with `verify`, refuse files whose sha256 differs."""
+    """Read and check a model directory; with `verify`, refuse files whose sha256 differs.
+
+    Every field is validated and every file named must resolve inside the directory; any
+    problem is one `ModelError` line.
+    """
     model_dir = Path(model_dir)
     cfg_path = model_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise ModelError(f"{model_dir} is not a perm-lite model directory: {CONFIG_NAME} is missing")
     try:
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8 or integer-size errors
+        raise ModelError(f"{cfg_path}: invalid JSON ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{cfg_path}: must hold a JSON object")
     if data.get("format") != FORMAT:
         raise ModelError(f"{cfg_path}: format {data.get('format')!r} is not {FORMAT!r}")
-    perspectives = tuple(_require(data, "perspectives", list, cfg_path))
-    if perspectives != PERSPECTIVES:
-        raise ModelError(f"{cfg_path}: perspectives {list(perspectives)} differ from {list(PERSPECTIVES)}")
+    perspectives = _check_perspectives(data, cfg_path)
     template = _require(data, "template", str, cfg_path)
     if template != TEMPLATE_VERSION:
         raise ModelError(
             f"{cfg_path}: input template {template!r} is not supported by this perm-lite "
             f"(which renders {TEMPLATE_VERSION!r}); upgrade perm-lite or re-export the model"
         )
+    name = _require(data, "name", str, cfg_path)
+    version = _require(data, "version", str, cfg_path)
+    if not name.strip() or not version.strip():
+        raise ModelError(f"{cfg_path}: 'name' and 'version' must not be empty")
+    max_length = _require(data, "max_length", int, cfg_path)
+    low, high = MAX_LENGTH_RANGE
+    if not low <= max_length <= high:
+        raise ModelError(f"{cfg_path}: max_length {max_length} is outside {low}..{high} tokens")
     files = _require(data, "files", dict, cfg_path)
+    for file_name, digest in files.items():
+        _inside(model_dir, file_name, "file", cfg_path)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ModelError(f"{cfg_path}: the sha256 of {file_name!r} is not 64 lowercase hex digits")
     variants = _require(data, "variants", dict, cfg_path)
-    tokenizer = _require(data, "tokenizer", str, cfg_path)
-    for name in [tokenizer, *variants.values()]:
-        if name not in files:
-            raise ModelError(f"{cfg_path}: no sha256 recorded for {name}")
+    if not variants:
+        raise ModelError(f"{cfg_path}: 'variants' is empty; a model needs at least one ONNX file")
+    for variant, file_name in variants.items():
+        if variant not in VARIANTS:
+            raise ModelError(f"{cfg_path}: unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+        _inside(model_dir, file_name, f"variant {variant}", cfg_path)
+    tokenizer = _inside(model_dir, data.get("tokenizer"), "tokenizer", cfg_path)
+    for file_name in [tokenizer, *variants.values()]:
+        if file_name not in files:
+            raise ModelError(f"{cfg_path}: no sha256 recorded for {file_name}")
+    scales = _check_scales(data, perspectives, cfg_path)
+    calibration = _check_calibration(data, perspectives, cfg_path)
     if verify:
-        for name, expected in files.items():
-            path = model_dir / name
+        for file_name, expected in files.items():
+            path = model_dir / file_name
             if not path.is_file():
-                raise ModelError(f"{model_dir}: file {name} listed in {CONFIG_NAME} is missing")
-            actual = sha256_file(path)
+                raise ModelError(f"{model_dir}: file {file_name} listed in {CONFIG_NAME} is missing")
+            try:
+                actual = sha256_file(path)
+            except OSError as exc:
+                raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
             if actual != expected:
                 raise ModelError(
                     f"{path}: sha256 mismatch (expected {expected[:12]}..., found {actual[:12]}...): "
                     "the file is corrupt or was changed; download or export the model again"
                 )
-    calibration = {
-        head: Calibration(tuple(c["raw"]), tuple(c["score"])) for head, c in data.get("calibration", {}).items()
-    }
-    scales = {k: tuple(v) for k, v in data.get("scales", SCALES).items()}
     return ModelConfig(
         path=model_dir,
-        name=_require(data, "name", str, cfg_path),
-        version=_require(data, "version", str, cfg_path),
+        name=name,
+        version=version,
         perspectives=perspectives,
         scales=scales,
-        max_length=int(_require(data, "max_length", int, cfg_path)),
+        max_length=max_length,
         template=template,
         tokenizer=tokenizer,
         variants=dict(variants),
@@ -157,6 +277,52 @@ def read_config(model_dir: Path, verify: bool = True) -> ModelConfig:
         calibration=calibration,
         raw=data,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
+
+
+def load_model_tokenizer(config: ModelConfig):
+    """The model's tokenizer; a file that is not a usable BERT-style tokenizer is a `ModelError`."""
+    from perm_lite.text import SpecialTokens, load_tokenizer
+
+    path = config.path / config.tokenizer
+    try:
+        tokenizer = load_tokenizer(path)
+        SpecialTokens.from_tokenizer(tokenizer)
+    except Exception as exc:  # tokenizers raises plain Exception for a file it cannot parse
+        raise ModelError(f"{path}: not a usable tokenizer file ({_first_line(exc)})") from None
+    return tokenizer
+
+
+def load_model_session(config: ModelConfig, variant: str, provider: str = "auto", threads: int | None = None):
+    """An onnxruntime session for one variant; a file onnxruntime cannot load is a `ModelError`
+    (a provider that cannot run stays a `ProviderError`)."""
+    from perm_lite.errors import ProviderError
+    from perm_lite.session import create_session
+
+    path = config.variant_path(variant)
+    try:
+        session = create_session(path, provider, threads)
+    except ProviderError:
+        raise
+    except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph... derive from Exception
+        raise ModelError(f"{path}: onnxruntime cannot load this model file ({_first_line(exc)})") from None
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = session.get_outputs()
+    width = outputs[0].shape[-1] if outputs and outputs[0].shape else None
+    if (
+        "input_ids" not in inputs
+        or not inputs <= set(MODEL_INPUTS)
+        or (isinstance(width, int) and width != len(config.perspectives))
+    ):
+        raise ModelError(
+            f"{path}: not a perm-lite model graph (inputs {sorted(inputs)}, expected {list(MODEL_INPUTS)} "
+            f"and one output of {len(config.perspectives)} scores)"
+        )
+    return session
 
 
 def write_config(model_dir: Path, config: dict[str, Any]) -> Path:

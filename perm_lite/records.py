@@ -63,13 +63,27 @@ def split_completion(completion: str) -> tuple[str, str]:
     return sections.get("analysis", ""), sections["response"]
 
 
+def _text(value: str, name: str) -> str:
+    """`value`, checked to be valid Unicode: a lone surrogate (JSON `"\\ud800"`) cannot be
+    tokenized or written as UTF-8, so it is this record's error, not the batch's."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RecordError(
+                f"contains a lone surrogate ({value[exc.start]!r} at character {exc.start}); not valid Unicode text",
+                name,
+            ) from None
+    return value
+
+
 def _optional_str(record: Mapping[str, Any], name: str) -> str:
     value = record.get(name)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise RecordError(f"expected a string, got {type(value).__name__}", name)
-    return value.strip()
+    return _text(value, name).strip()
 
 
 def _messages(value: Any) -> tuple[str, tuple[Turn, ...]]:
@@ -84,6 +98,7 @@ def _messages(value: Any) -> tuple[str, tuple[Turn, ...]]:
             raise RecordError(f"item {i} has role {role!r}, expected 'system', 'user' or 'assistant'", "messages")
         if not isinstance(content, str):
             raise RecordError(f"item {i} content must be a string", "messages")
+        _text(content, "messages")
         if role == "system":
             continue  # instructions to the chatbot are not part of the seeker's side
         turns.append(Turn("seeker" if role == "user" else "supporter", content.strip()))
@@ -119,6 +134,7 @@ def parse_record(record: Any, field_map: Mapping[str, str] | None = None) -> Dia
         completion = record["completion"]
         if not isinstance(completion, str):
             raise RecordError(f"expected a string, got {type(completion).__name__}", "completion")
+        _text(completion, "completion")
         parsed_analysis, response = split_completion(completion)
         analysis = analysis or parsed_analysis
         if not response:
@@ -131,7 +147,7 @@ def parse_record(record: Any, field_map: Mapping[str, str] | None = None) -> Dia
         response = record["response"]
         if not isinstance(response, str):
             raise RecordError(f"expected a string, got {type(response).__name__}", "response")
-        response = response.strip()
+        response = _text(response, "response").strip()
         if not response:
             raise RecordError("empty: the reply to score must contain text", "response")
     query, history = "", ()
@@ -144,6 +160,8 @@ def parse_record(record: Any, field_map: Mapping[str, str] | None = None) -> Dia
     rid = record.get("id")
     if rid is not None and not isinstance(rid, (str, int)):
         raise RecordError(f"expected a string or integer, got {type(rid).__name__}", "id")
+    if isinstance(rid, str):
+        _text(rid, "id")
     passthrough = {k: v for k, v in record.items() if k not in KNOWN_FIELDS}
     return Dialogue(
         response=response,

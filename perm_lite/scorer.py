@@ -6,18 +6,28 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from perm_lite.errors import ModelError
-from perm_lite.model_dir import DEFAULT_MODEL, ModelConfig, read_config, resolve_model
+from perm_lite.model_dir import (
+    DEFAULT_MODEL,
+    ModelConfig,
+    load_model_session,
+    load_model_tokenizer,
+    read_config,
+    resolve_model,
+)
 from perm_lite.records import Dialogue, RecordError, parse_record
 from perm_lite.scales import COMBINE_MODES, PERSPECTIVES, bystander_term, empathy_reward
-from perm_lite.session import create_session, session_provider
-from perm_lite.text import Encoding, SpecialTokens, encode_dialogues, load_tokenizer, pad_batch
+from perm_lite.session import session_provider
+from perm_lite.text import Encoding, SpecialTokens, encode_dialogues, pad_batch
 
 Record = Mapping[str, Any] | Dialogue
+
+if TYPE_CHECKING:  # pragma: no cover
+    from perm_lite.explain import Explanation
 
 
 @dataclass(frozen=True)
@@ -91,16 +101,16 @@ class Scorer:
             raise ValueError(f"unknown combine mode {combine!r}; choose one of {', '.join(COMBINE_MODES)}")
         empathy_reward(dict.fromkeys(PERSPECTIVES, 3.0), combine, weights)  # validates weights early
         self.config = read_config(resolve_model(model if str(model) else DEFAULT_MODEL, cache_dir, revision))
-        self.tokenizer = load_tokenizer(self.config.path / self.config.tokenizer)
+        self.tokenizer = load_model_tokenizer(self.config)  # a corrupt file is a one-line ModelError
         self._special = SpecialTokens.from_tokenizer(self.tokenizer)
         requested = "cuda" if provider == "cuda" else "cpu"
         self.variant = _variant_for(self.config, variant, requested)
-        self.session = create_session(self.config.variant_path(self.variant), provider, threads)
+        self.session = load_model_session(self.config, self.variant, provider, threads)
         if provider == "auto" and variant == "auto" and session_provider(self.session) == "cuda":
             better = _variant_for(self.config, "auto", "cuda")
             if better != self.variant:
                 self.variant = better
-                self.session = create_session(self.config.variant_path(better), provider, threads)
+                self.session = load_model_session(self.config, better, provider, threads)
         self.provider = session_provider(self.session)
         self.batch_size = batch_size
         if max_batch_tokens == "auto":
@@ -181,6 +191,14 @@ class Scorer:
             else:
                 out[:, j] = low + (high - low) * np.clip(raw[:, j], 0.0, 1.0)
         return out
+
+    def explain(self, record: Record, *, context: bool = False) -> Explanation:
+        """Why a record scored as it did: each reply sentence's contribution to every
+        perspective and the combined score, by occlusion (one batch; see `perm_lite.explain`).
+        `context=True` also measures each context turn."""
+        from perm_lite.explain import explain
+
+        return explain(self, _as_dialogue(record, 0), context=context)
 
     def combined(self, scores: Mapping[str, float]) -> float:
         """PERM's reward without the length penalty: empathy reward + bystander term."""

@@ -16,6 +16,22 @@ PROVIDERS = ("auto", "cpu", "cuda")
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 _warned_cpu_fallback = False
+_telemetry_off = False
+
+
+def disable_telemetry() -> None:
+    """Switch off onnxruntime's telemetry events (once, before the first session): perm-lite
+    promises that nothing about a run leaves the machine or is logged by a third party."""
+    global _telemetry_off
+    if _telemetry_off:
+        return
+    _telemetry_off = True
+    off = getattr(ort, "disable_telemetry_events", None)
+    if off is not None:
+        try:
+            off()
+        except Exception:  # an onnxruntime build without telemetry support
+            log.debug("onnxruntime telemetry could not be switched off", exc_info=True)
 
 
 def available_cores() -> int:
@@ -46,6 +62,7 @@ def create_session(model_path: Path, provider: str = "auto", threads: int | None
         raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if threads is not None and threads < 1:
         raise ProviderError("threads must be at least 1")
+    disable_telemetry()
     available = ort.get_available_providers()
     path = str(model_path)
     if provider in ("auto", "cuda") and _CUDA in available:

@@ -5,6 +5,11 @@ layout: `[CLS] context [SEP] reply [SEP]`, where the context is (oldest first) p
 scenario, earlier turns and the seeker's last message, and the reply is the analysis
 followed by the response. Truncation keeps the response whole where it can and drops the
 oldest context first; every encoding reports what it kept.
+
+Before tokenizing, each text is cut to `CHARS_PER_TOKEN * max_length` characters (the
+history as a whole too, newest turns kept), so a record's cost is bounded however long
+its fields are: far more than any tokenizer needs to fill `max_length` tokens from real
+text. A cut is reported like token truncation (`Encoding.truncated`, `clipped`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from perm_lite.records import Dialogue
 
 TEMPLATE_VERSION = "perm-input-v1"
 PARTS = ("response", "analysis", "query", "persona", "scenario", "history")
+CHARS_PER_TOKEN = 16  # character budget per token of max_length, applied before tokenizing
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,11 @@ class Encoding:
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     tokens: dict[str, tuple[int, int]]
+    clipped: frozenset[str] = frozenset()  # parts cut by the character budget before tokenizing
 
     @property
     def truncated(self) -> bool:
-        return any(kept < total for kept, total in self.tokens.values())
+        return bool(self.clipped) or any(kept < total for kept, total in self.tokens.values())
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -86,6 +93,45 @@ def load_tokenizer(path: str) -> Tokenizer:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def clip(rendered: RenderedDialogue, limit: int) -> tuple[RenderedDialogue, frozenset[str]]:
+    """Cut each part to `limit` characters before tokenizing, keeping what truncation would
+    keep: the start of the response, analysis, persona and scenario, the end of the
+    seeker's message, and the newest history turns (`limit` characters for all of them)."""
+    clipped: set[str] = set()
+
+    def head(name: str, text: str) -> str:
+        if len(text) <= limit:
+            return text
+        clipped.add(name)
+        return text[:limit]
+
+    query = rendered.query
+    if len(query) > limit:
+        clipped.add("query")
+        query = query[-limit:]
+    history: list[str] = []  # newest first, reversed below
+    left = limit
+    for turn in reversed(rendered.history):
+        if left <= 0:
+            clipped.add("history")
+            break
+        if len(turn) > left:
+            clipped.add("history")
+            turn = turn[-left:]
+        history.append(turn)
+        left -= len(turn)
+    history.reverse()
+    out = RenderedDialogue(
+        response=head("response", rendered.response),
+        analysis=head("analysis", rendered.analysis),
+        query=query,
+        persona=head("persona", rendered.persona),
+        scenario=head("scenario", rendered.scenario),
+        history=tuple(history),
+    )
+    return (out, frozenset(clipped)) if clipped else (rendered, frozenset())
 
 
 def _fit(rendered: RenderedDialogue, ids: dict[str, list[int]], history: list[list[int]], budget: int):
@@ -128,7 +174,8 @@ def encode_dialogues(dialogues: Sequence[Dialogue], tokenizer: Tokenizer, max_le
     if max_length < 16:
         raise ValueError("max_length must be at least 16")
     special = SpecialTokens.from_tokenizer(tokenizer)
-    rendered = [render(d) for d in dialogues]
+    clipped_parts = [clip(render(d), CHARS_PER_TOKEN * max_length) for d in dialogues]
+    rendered = [r for r, _ in clipped_parts]
     texts: list[str] = []
     for r in rendered:
         texts.extend([r.response, r.analysis, r.query, r.persona, r.scenario, *r.history])
@@ -136,7 +183,7 @@ def encode_dialogues(dialogues: Sequence[Dialogue], tokenizer: Tokenizer, max_le
     budget = max_length - 3
     out: list[Encoding] = []
     pos = 0
-    for r in rendered:
+    for r, (_, clipped) in zip(rendered, clipped_parts):
         ids = dict(zip(PARTS[:5], flat[pos : pos + 5]))
         history = flat[pos + 5 : pos + 5 + len(r.history)]
         pos += 5 + len(r.history)
@@ -147,7 +194,7 @@ def encode_dialogues(dialogues: Sequence[Dialogue], tokenizer: Tokenizer, max_le
         types = [0] * (len(context) + 2) + [1] * (len(reply) + 1)
         tokens = {name: (len(kept[name]), len(ids[name])) for name in kept}
         tokens["history"] = (sum(len(h) for h in kept_history), sum(len(h) for h in history))
-        out.append(Encoding(np.asarray(input_ids, dtype=np.int64), np.asarray(types, dtype=np.int64), tokens))
+        out.append(Encoding(np.asarray(input_ids, dtype=np.int64), np.asarray(types, dtype=np.int64), tokens, clipped))
     return out
 
 

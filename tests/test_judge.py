@@ -37,6 +37,7 @@ class ScriptedJudge(BaseHTTPRequestHandler):
     requests: list = []
     seen: dict = {}
     lock = threading.Lock()
+    mode = "normal"  # "401"/"403": refuse every call; "garbage": answer nothing parseable
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -45,17 +46,41 @@ class ScriptedJudge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = body["messages"][-1]["content"]
         perspective = next(p for marker, p in MARKERS.items() if marker in user)
+        port = self.server.server_address[1]
         with self.lock:
-            self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            key = (perspective, user)
+            self.requests.append(
+                {"path": self.path, "auth": self.headers.get("Authorization"), "body": body, "port": port}
+            )
+            key = (perspective, user, port)
             attempt = self.seen[key] = self.seen.get(key, 0) + 1
+        auth = self.headers.get("Authorization")
+        if self.mode in ("401", "403"):  # a refusing endpoint that echoes what it was sent
+            return self._send(int(self.mode), {"error": {"message": f"bad key in Authorization: {auth}"}})
+        if "ECHO-HEADERS" in user:  # a 400 whose body echoes the request headers, key included
+            headers = {k: v for k, v in self.headers.items()}
+            message = f"bad request; you sent Authorization: {auth}, api-key: {SECRET}, sk-proj-0therKey12345"
+            return self._send(400, {"error": {"message": message}, "headers": headers})
+        if "ECHO-ANSWER" in user:  # a 200 whose answer text echoes the key
+            answer = f"Your request said Authorization: {auth} and {SECRET}.\nScore (1-5): 3"
+            if perspective == "bystander":
+                answer += "\nTotal (0-100): 50"
+            return self._send(200, {"choices": [{"message": {"content": answer}}], "usage": {}})
+        if "BAD-USAGE" in user:
+            return self._send(
+                200,
+                {
+                    "choices": [{"message": {"content": ANSWERS[perspective]}}],
+                    "usage": {"prompt_tokens": "many", "completion_tokens": [1]},
+                },
+            )
         if "RATE-LIMITED" in user and attempt == 1:
             return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
         if "FLAKY" in user and attempt == 1:
             return self._send(500, {"error": {"message": "boom"}})
         if "SLOW" in user:
             time.sleep(1.0)
-        answer = "I think it is quite good overall!" if "GARBAGE" in user else ANSWERS[perspective]
+        garbage = "GARBAGE" in user or self.mode == "garbage"
+        answer = "I think it is quite good overall!" if garbage else ANSWERS[perspective]
         payload = {
             "choices": [{"message": {"role": "assistant", "content": answer}}],
             "usage": {"prompt_tokens": 100, "completion_tokens": 20},
@@ -77,16 +102,34 @@ class ScriptedJudge(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server():
+def start_server():
+    """Start loopback judges (each with its own mode); all share ScriptedJudge.requests."""
     ScriptedJudge.requests, ScriptedJudge.seen = [], {}
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedJudge)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    servers = []
+
+    def start(mode="normal"):
+        handler = type("Judge", (ScriptedJudge,), {"mode": mode})
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
 
 
-def write_input(tmp_path):
+@pytest.fixture()
+def server(start_server):
+    return start_server()
+
+
+def write_input(tmp_path, rows=None):
+    path = tmp_path / "in.jsonl"
+    if rows is not None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
     rows = [
         {"id": "ok", "query": "I lost my job.", "response": "That is a real blow. How are you holding up?"},
         {"id": "limited", "query": "I am lonely.", "response": "RATE-LIMITED but kind reply"},
@@ -94,18 +137,17 @@ def write_input(tmp_path):
         {"id": "garbage", "query": "My cat died.", "response": "GARBAGE reply about the cat"},
         {"id": "slow", "query": "Hi.", "response": "SLOW reply"},
     ]
-    path = tmp_path / "in.jsonl"
     path.write_text(
         "\n".join(json.dumps(r) for r in rows[:2]) + "\n{not json\n" + "\n".join(json.dumps(r) for r in rows[2:]) + "\n"
     )
     return path
 
 
-def run_judge(tmp_path, server, *extra, env=None):
+def run_judge(tmp_path, server, *extra, env=None, rows=None):
     out = tmp_path / "labels.jsonl"
     args = [
         "judge",
-        str(write_input(tmp_path)),
+        str(write_input(tmp_path, rows)),
         "-o",
         str(out),
         "--base-url",
@@ -158,8 +200,9 @@ def test_rerun_is_served_from_the_cache(tmp_path, server):
     first = len(ScriptedJudge.requests)
     result, rows = run_judge(tmp_path, server, "--overwrite")
     new = ScriptedJudge.requests[first:]
-    # only the timed-out calls (never answered, so never cached) are sent again
-    assert new and all("SLOW" in r["body"]["messages"][-1]["content"] for r in new)
+    # only the timed-out calls (never answered) and the unparseable answers (never cached) are sent again
+    assert new and all(any(m in r["body"]["messages"][-1]["content"] for m in ("SLOW", "GARBAGE")) for r in new)
+    assert any("SLOW" in r["body"]["messages"][-1]["content"] for r in new)
     assert rows["ok"]["labels"]["bystander"] == 75 and "answers from the cache" in result.output
 
 
@@ -204,3 +247,177 @@ def test_parse_answer(text, perspective, score, problem):
     judgement = parse_answer(text, perspective)
     assert judgement.score == score
     assert (problem is None and judgement.problem is None) or problem in judgement.problem
+
+
+# -- hardening (issue 12, item 4) --------------------------------------------------------------
+
+GOOD_ROWS = [
+    {"id": "a", "query": "I lost my job.", "response": "That is a real blow. How are you holding up?"},
+    {"id": "b", "query": "I am lonely.", "response": "That sounds hard; I am here to listen."},
+]
+
+
+def read_all_files(tmp_path) -> bytes:
+    return b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_all_good_calls_exit_0(tmp_path, server):
+    result, rows = run_judge(tmp_path, server, rows=GOOD_ROWS)
+    assert result.exit_code == 0, result.output
+    assert rows["b"]["labels"]["reception"] == 5
+
+
+def test_failed_calls_exit_3_and_say_so(tmp_path, server):
+    rows_in = [*GOOD_ROWS, {"id": "slow", "query": "Hi.", "response": "SLOW reply"}]
+    result, rows = run_judge(tmp_path, server, rows=rows_in)
+    assert result.exit_code == 3, result.output  # was 0: failed calls went unnoticed
+    assert "calls failed" in result.output
+    assert rows["a"]["labels"]["reception"] == 5 and rows["slow"]["labels"]["resonation"] is None
+
+
+def test_on_error_stop_exits_4(tmp_path, server):
+    result, rows = run_judge(tmp_path, server, "--on-error", "stop")
+    assert result.exit_code == 4, result.output  # was 3
+    assert list(rows) == ["ok", "limited"]  # the records before the bad line are judged and kept
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_refused_key_stops_the_run_in_one_line(tmp_path, start_server, caplog, status):
+    url = start_server(status)
+    many = [{"id": f"r{i}", "query": "I am sad.", "response": f"I hear you ({i})."} for i in range(30)]
+    with caplog.at_level(logging.DEBUG):
+        result, rows = run_judge(tmp_path, url, rows=many)
+    assert result.exit_code == 1, result.output  # was 0, every label null
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"HTTP {status}" in lines[0] and "Traceback" not in result.output, result.output
+    assert len(ScriptedJudge.requests) <= 4  # at most the calls already in flight (--concurrency 4)
+    assert SECRET not in result.output and SECRET not in caplog.text
+    assert SECRET.encode() not in read_all_files(tmp_path)
+
+
+def test_stored_errors_hold_no_key_or_header_values(tmp_path, server, caplog):
+    rows_in = [
+        GOOD_ROWS[0],
+        {"id": "echo-headers", "query": "I am sad.", "response": "ECHO-HEADERS reply"},
+        {"id": "echo-answer", "query": "I am sad.", "response": "ECHO-ANSWER reply"},
+    ]
+    with caplog.at_level(logging.DEBUG):
+        result, rows = run_judge(tmp_path, server, rows=rows_in)
+    assert result.exit_code == 3, result.output
+    problem = rows["echo-headers"]["judge"]["perspectives"]["expression"]["problem"]
+    assert problem.startswith("request failed: HTTP 400") and "[redacted]" in problem
+    stored = read_all_files(tmp_path) + result.output.encode() + caplog.text.encode()
+    for leak in (SECRET, "Bearer sk-", "sk-test", "DO-NOT-LEAK", "0therKey12345"):
+        assert leak.encode() not in stored, leak
+    echoed = rows["echo-answer"]["judge"]["perspectives"]["expression"]
+    assert echoed["score"] == 3 and "[redacted]" in echoed["raw"]  # the answer is kept, the key is not
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"Authorization: Bearer {SECRET}",
+        f'{{"headers": {{"Authorization": "Bearer {SECRET}", "api-key": "{SECRET}"}}}}',
+        "api-key: 0123456789abcdef",
+        "x-api-key=abcdef123456&model=gpt",
+        "Incorrect API key provided: sk-proj-AbCdEf123456789. You can find your key at ...",
+        "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+        "Cookie: session=abc123def456",
+    ],
+)
+def test_scrub_removes_header_and_key_like_values(text):
+    from perm_lite.judge.client import scrub
+
+    clean = scrub(text, [SECRET])
+    for leak in (SECRET, "0123456789abcdef", "abcdef123456", "AbCdEf123456789", "dozjgNryP4J3jVmN", "abc123def456"):
+        assert leak not in clean, clean
+    assert "\n" not in scrub("line one\nAuthorization: x\nline three")
+
+
+def test_malformed_usage_is_a_failed_call_and_nothing_is_lost(tmp_path, server):
+    rows_in = [GOOD_ROWS[0], {"id": "usage", "query": "Hi.", "response": "BAD-USAGE reply"}, GOOD_ROWS[1]]
+    result, rows = run_judge(tmp_path, server, rows=rows_in)
+    assert result.exit_code == 3, result.output  # was a ValueError traceback, and no output
+    assert "Traceback" not in result.output
+    assert list(rows) == ["a", "usage", "b"]
+    assert rows["a"]["labels"]["bystander"] == 75 and rows["b"]["labels"]["reception"] == 5
+    bad = rows["usage"]["judge"]["perspectives"]["reception"]
+    assert rows["usage"]["labels"]["reception"] is None and "malformed 'usage'" in bad["problem"]
+
+
+def test_unparseable_answers_are_not_cached(tmp_path, start_server):
+    garbage, good = start_server("garbage"), start_server()
+    result, rows = run_judge(tmp_path, garbage, rows=GOOD_ROWS)
+    assert all(v is None for v in rows["a"]["labels"].values())
+    sent = len(ScriptedJudge.requests)
+    run_judge(tmp_path, garbage, "--overwrite", rows=GOOD_ROWS)  # asked again, not replayed from the cache
+    assert len(ScriptedJudge.requests) == 2 * sent
+    result, rows = run_judge(tmp_path, good, "--overwrite", rows=GOOD_ROWS)
+    assert result.exit_code == 0, result.output
+    assert rows["a"]["labels"] == {"resonation": 4, "expression": 3, "reception": 5, "bystander": 75}
+
+
+def test_cache_is_keyed_by_endpoint(tmp_path, start_server):
+    first, second = start_server(), start_server()
+    run_judge(tmp_path, first, rows=GOOD_ROWS)
+    ports = [r["port"] for r in ScriptedJudge.requests]
+    assert len(ports) == 8 and len(set(ports)) == 1
+    result, rows = run_judge(tmp_path, second, "--overwrite", rows=GOOD_ROWS)
+    assert result.exit_code == 0, result.output
+    assert len(ScriptedJudge.requests) == 16  # the second endpoint is asked, not served the first one's answers
+    run_judge(tmp_path, second, "--overwrite", rows=GOOD_ROWS)
+    assert len(ScriptedJudge.requests) == 16  # and its own answers are cached
+    # the dry run counts the cache for the endpoint it is given
+    dry = CliRunner().invoke(
+        app,
+        ["judge", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "labels.jsonl"), "--model", "judge-x"]
+        + ["--dry-run", "--base-url", second],
+    )
+    assert json.loads(dry.output)["cached_calls"] == 8
+
+
+def test_key_never_goes_over_plain_http_to_another_host(tmp_path):
+    remote = "http://192.0.2.10:9/v1"  # TEST-NET: nothing answers there
+    result, rows = run_judge(tmp_path, remote, "--max-retries", "0", rows=GOOD_ROWS[:1])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--allow-insecure-http" in lines[0] and "192.0.2.10" in lines[0]
+    assert not (tmp_path / "labels.jsonl").exists() and not (tmp_path / "labels.jsonl.cache.sqlite").exists()
+    # said out loud: it is sent (and fails to connect here)
+    result, rows = run_judge(tmp_path, remote, "--max-retries", "0", "--allow-insecure-http", rows=GOOD_ROWS[:1])
+    problem = rows["a"]["judge"]["perspectives"]["reception"]["problem"]
+    assert result.exit_code == 3 and ("connection error" in problem or "timed out" in problem), problem
+
+
+def test_check_endpoint():
+    from perm_lite.judge.client import ChatClient, InsecureEndpoint, check_endpoint
+
+    for url in ("https://api.openai.com/v1", "http://localhost:8000/v1", "http://127.0.0.2/v1", "http://[::1]:80"):
+        check_endpoint(url, sends_key=True)
+    check_endpoint("http://10.0.0.5/v1", sends_key=False)  # no key, nothing to protect
+    check_endpoint("http://10.0.0.5/v1", sends_key=True, allow_insecure_http=True)
+    for url in ("http://10.0.0.5/v1", "http://localhost.example.com/v1", "http://127.0.0.1.nip.io/v1"):
+        with pytest.raises(InsecureEndpoint, match="plain http"):
+            check_endpoint(url, sends_key=True)
+    for url in ("ftp://example.com/v1", "example.com/v1", "file:///etc/passwd", ""):
+        with pytest.raises(InsecureEndpoint, match="http:// or https://"):
+            check_endpoint(url, sends_key=False)
+    import os
+
+    from perm_lite.judge.client import JudgeConfig
+
+    os.environ["PERM_TEST_KEY"] = SECRET
+    try:
+        with pytest.raises(InsecureEndpoint):  # the library refuses too, not only the CLI
+            ChatClient(JudgeConfig(base_url="http://192.0.2.10/v1", model="m", api_key_env="PERM_TEST_KEY"), None)
+    finally:
+        del os.environ["PERM_TEST_KEY"]
+
+
+def test_output_that_is_the_input_is_refused(tmp_path, server):
+    source = write_input(tmp_path, GOOD_ROWS)
+    before = source.read_bytes()
+    args = ["judge", str(source), "-o", str(source), "--overwrite", "--base-url", server, "--model", "judge-x"]
+    result = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
+    assert result.exit_code == 2 and "is the input file" in result.output, result.output
+    assert source.read_bytes() == before and ScriptedJudge.requests == []

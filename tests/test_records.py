@@ -90,3 +90,28 @@ def test_not_an_object():
 def test_error_location_in_message():
     err = RecordError("empty", "response").at("line 12")
     assert str(err) == "line 12, field 'response': empty"
+
+
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"response": "so sorry \ud800"}, "response"),
+        ({"completion": "# Response\n\udfff"}, "completion"),
+        ({"response": "r", "query": "\ud83d"}, "query"),
+        ({"response": "r", "persona": "x\udc00y"}, "persona"),
+        ({"response": "r", "analysis": "\ud800"}, "analysis"),
+        ({"response": "r", "messages": [{"role": "user", "content": "hi \ud800"}]}, "messages"),
+        ({"response": "r", "id": "\ud800"}, "id"),
+    ],
+)
+def test_lone_surrogates_are_the_records_error(record, field):
+    """A lone surrogate (JSON "\\ud800") cannot be tokenized or written as UTF-8."""
+    with pytest.raises(RecordError, match="lone surrogate") as info:
+        parse_record(record)
+    assert info.value.field == field
+    str(info.value).encode("utf-8")  # the message itself is printable
+
+
+def test_valid_unicode_passes():
+    d = parse_record({"id": "caf\u00e9", "response": "\U0001f622 so sorry", "query": "\u4f60\u597d"})
+    assert d.response == "\U0001f622 so sorry"

@@ -1,7 +1,9 @@
 """A content-hash cache of judge answers (SQLite), so reruns and resumed runs do not pay twice.
 
-The key is a hash of what determines the answer: the model, the messages and the sampling
-settings. Nothing secret is part of the key or the stored value.
+The key is a hash of what determines the answer: the endpoint (base URL, without any
+user:password part), the model, the messages and the sampling settings, so answers from one
+endpoint are never replayed for another. Only answers the caller could use are stored (see
+`ChatClient.complete`). Nothing secret is part of the key or the stored value.
 """
 
 from __future__ import annotations
@@ -11,11 +13,35 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 
-def request_key(model: str, messages: list[dict], temperature: float) -> str:
-    blob = json.dumps({"model": model, "messages": messages, "temperature": temperature}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def _public_endpoint(endpoint: str) -> str:
+    """The endpoint URL without credentials or a trailing slash."""
+    try:
+        parts = urlsplit(endpoint.strip())
+        netloc = parts.hostname or ""
+        if ":" in netloc:  # an IPv6 literal
+            netloc = f"[{netloc}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), parts.query, ""))
+    except ValueError:
+        return endpoint.strip().rstrip("/")
+
+
+def request_key(endpoint: str, model: str, messages: list[dict], temperature: float, max_tokens: int) -> str:
+    blob = json.dumps(
+        {
+            "endpoint": _public_endpoint(endpoint),
+            "model": model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class AnswerCache:
@@ -34,6 +60,10 @@ class AnswerCache:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (key, answer, json.dumps(usage)))
             self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

@@ -2,20 +2,33 @@
 
 The API key is read from the environment variable named in `JudgeConfig.api_key_env` and
 only ever placed in the Authorization header; it is not logged, echoed, cached or written.
+Error text that came from the endpoint is scrubbed of the key and of anything header- or
+key-like before it is stored, since an endpoint may echo what it was sent. The key is never
+sent over plain http to a host other than this machine unless `allow_insecure_http` is set.
+A 401 or 403 stops every call at once (`AuthFailed`): retrying a refused key only repeats it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
+import math
 import os
 import random
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit
 
 from perm_lite.judge.cache import AnswerCache, request_key
 
 log = logging.getLogger("perm_lite.judge")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+AUTH_STATUS = {401: "unauthorized", 403: "forbidden"}
+REDACTED = "[redacted]"
+ERROR_TEXT_LIMIT = 200  # characters of an endpoint's error body kept in a stored error
 
 
 @dataclass
@@ -29,6 +42,7 @@ class JudgeConfig:
     temperature: float = 0.3
     backoff: float = 0.5  # first retry delay (s); doubles each time, with jitter
     max_tokens: int = 300
+    allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
 
     def endpoint(self) -> str:
         base = self.base_url.rstrip("/")
@@ -50,28 +64,149 @@ class CallFailed(Exception):
     """A request that still failed after every retry (the message never holds the key)."""
 
 
+class AuthFailed(CallFailed):
+    """The endpoint refused the credentials (401/403): the whole run stops."""
+
+
+class InsecureEndpoint(ValueError):
+    """A base URL the key must not be sent to (plain http to another host, or not http at all)."""
+
+
+# -- scrubbing ------------------------------------------------------------------------------
+
+_SECRET_NAMES = (
+    r"authorization|proxy-authorization|api[-_]?key|apikey|access[-_]?token|refresh[-_]?token|"
+    r"id[-_]?token|token|secret|client[-_]?secret|password|passwd|pwd|cookie|set-cookie|"
+    r"credentials?|session[-_]?id|signature|sig|key"
+)
+# `name: value`, `"name": "value"`, `name=value`: the value goes, the name stays.
+_KEY_VALUE = re.compile(
+    rf"""(?ix)
+    (?P<name>["']?\b[\w.-]*?(?:{_SECRET_NAMES})\b["']?)
+    (?P<sep>\s*[:=]\s*["']?)
+    (?:(?:bearer|basic|token|digest|apikey)\s+)?
+    (?:\[redacted\]|[^\s"',;&}}\])]+)
+    """
+)
+_SCHEME_TOKEN = re.compile(r"(?i)\b(bearer|basic|digest)(\s+)[A-Za-z0-9._~+/=\-]{4,}")
+_KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|ak|key)-[A-Za-z0-9_\-]{6,}")  # sk-..., sk-proj-..., sk-ant-...
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]*)?")
+_LONG_TOKEN = re.compile(r"[A-Za-z0-9_\-+/=]{40,}")  # hex or base64 keys
+
+
+def _secret_forms(secrets: Iterable[str]) -> list[str]:
+    forms: set[str] = set()
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            forms.update({secret, quote(secret, safe=""), json.dumps(secret)[1:-1]})
+    return sorted(forms, key=len, reverse=True)
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """Only the exact secret strings (and their URL/JSON-escaped forms) replaced: for answer
+    text, which must otherwise stay as the judge wrote it."""
+    for form in _secret_forms(secrets):
+        text = text.replace(form, REDACTED)
+    return text
+
+
+def scrub(text: str, secrets: Iterable[str] = (), limit: int | None = ERROR_TEXT_LIMIT) -> str:
+    """Error text safe to store and print: one line, without the key, header values,
+    `name: value` pairs whose name looks secret, `sk-...` keys or long opaque tokens."""
+    text = redact_secrets(str(text), secrets)
+    text = _KEY_VALUE.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
+    text = _SCHEME_TOKEN.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", text)
+    text = _KEY_LIKE.sub(REDACTED, text)
+    text = _JWT.sub(REDACTED, text)
+    text = _LONG_TOKEN.sub(REDACTED, text)
+    text = " ".join(text.split())
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return redact_secrets(text, secrets)
+
+
+# -- where the key may go ---------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(base_url: str, sends_key: bool, allow_insecure_http: bool = False) -> None:
+    """Raise `InsecureEndpoint` for a base URL that is not http(s), or plain http to another
+    machine while an API key would be sent (unless explicitly allowed)."""
+    try:
+        parts = urlsplit(base_url)
+        host = parts.hostname or ""
+    except ValueError:
+        raise InsecureEndpoint(f"--base-url {base_url!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise InsecureEndpoint(f"--base-url must be an http:// or https:// URL with a host, not {base_url!r}")
+    if parts.scheme == "http" and sends_key and not allow_insecure_http and not _is_loopback(host):
+        raise InsecureEndpoint(
+            f"refusing to send the API key over plain http to {host}: use https, a loopback address, "
+            "or pass --allow-insecure-http if this network is trusted"
+        )
+
+
+def _usage_counts(payload: dict) -> dict[str, int]:
+    """The token counts of a reply's `usage`; ValueError when they are not numbers."""
+    usage = payload.get("usage")
+    if usage is None:
+        return {}
+    if not isinstance(usage, dict):
+        raise ValueError("usage is not an object")
+    counts = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"usage.{name} is not a count")
+        counts[name] = int(value)
+    return counts
+
+
 class ChatClient:
     def __init__(self, config: JudgeConfig, cache: AnswerCache | None) -> None:
         import httpx
 
+        key = os.environ.get(config.api_key_env)
+        check_endpoint(config.base_url, bool(key), config.allow_insecure_http)
         self.config, self.cache = config, cache
         self.stats = CallStats()
-        key = os.environ.get(config.api_key_env)
+        self._secrets = [key] if key else []
         headers = {"Content-Type": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self._http = httpx.AsyncClient(timeout=config.timeout, headers=headers)
+        self._http = httpx.AsyncClient(timeout=config.timeout, headers=headers, follow_redirects=False)
         self._semaphore = asyncio.Semaphore(config.concurrency)
+        self._refused: AuthFailed | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def complete(self, messages: list[dict]) -> str:
-        """The answer text for these messages (from the cache when it has them)."""
-        key = request_key(self.config.model, messages, self.config.temperature)
+    def scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
+
+    async def complete(self, messages: list[dict], accept: Callable[[str], bool] | None = None) -> str:
+        """The answer text for these messages (from the cache when it has a usable one).
+
+        Only answers `accept` approves (default: non-empty ones) are cached, so an answer
+        that could not be used is asked for again next time rather than replayed.
+        """
+        usable = accept or (lambda text: bool(text.strip()))
+        key = request_key(
+            self.config.endpoint(), self.config.model, messages, self.config.temperature, self.config.max_tokens
+        )
         if self.cache is not None:
             hit = self.cache.get(key)
-            if hit is not None:
+            if hit is not None and usable(hit[0]):
                 self.stats.cached += 1
                 return hit[0]
         body = {
@@ -81,9 +216,30 @@ class ChatClient:
             "max_tokens": self.config.max_tokens,
         }
         answer, usage = await self._post_with_retries(body)
-        if self.cache is not None:
+        answer = redact_secrets(answer, self._secrets)  # an endpoint that echoes the key
+        answer = answer.encode("utf-8", "replace").decode("utf-8")  # lone surrogates cannot be stored
+        if self.cache is not None and usable(answer):
             self.cache.put(key, answer, usage)
         return answer
+
+    def _refuse(self, status: int, response) -> AuthFailed:
+        detail = ""
+        try:
+            error = response.json().get("error")
+            message = error.get("message") if isinstance(error, dict) else error
+            if isinstance(message, str) and message.strip():
+                detail = f": {self.scrub(message)}"
+        except Exception:  # not JSON, or not the usual shape: the status says enough
+            pass
+        hint = (
+            f"check ${self.config.api_key_env}"
+            if self._secrets
+            else f"no API key was sent (${self.config.api_key_env} is not set)"
+        )
+        return AuthFailed(
+            f"the endpoint answered HTTP {status} ({AUTH_STATUS[status]}){detail}; {hint} and --base-url; "
+            "stopped without sending the remaining requests"
+        )
 
     async def _post_with_retries(self, body: dict) -> tuple[str, dict]:
         import httpx
@@ -95,6 +251,8 @@ class ChatClient:
                 await asyncio.sleep(self._delay(attempt, hint))
                 hint = None
             async with self._semaphore:
+                if self._refused is not None:  # another call was refused: send nothing more
+                    raise self._refused
                 self.stats.calls += 1
                 try:
                     response = await self._http.post(self.config.endpoint(), json=body)
@@ -107,22 +265,31 @@ class ChatClient:
                     self._count("connection")
                     continue
             self._count(str(response.status_code))
+            if response.status_code in AUTH_STATUS:
+                self.stats.failed += 1
+                if self._refused is None:
+                    self._refused = self._refuse(response.status_code, response)
+                raise self._refused
             if response.status_code in RETRY_STATUS:
                 last = f"HTTP {response.status_code}"
                 hint = response.headers.get("retry-after")
                 continue
             if response.status_code != 200:
                 self.stats.failed += 1
-                raise CallFailed(f"HTTP {response.status_code}: {response.text[:200]}")
+                raise CallFailed(f"HTTP {response.status_code}: {self.scrub(response.text[:4000])}")
             try:
                 payload = response.json()
                 answer = payload["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                 self.stats.failed += 1
                 raise CallFailed("the endpoint's reply is not a chat completion") from None
-            usage = payload.get("usage") or {}
-            self.stats.input_tokens += int(usage.get("prompt_tokens") or 0)
-            self.stats.output_tokens += int(usage.get("completion_tokens") or 0)
+            try:
+                usage = _usage_counts(payload)
+            except ValueError as exc:
+                self.stats.failed += 1
+                raise CallFailed(f"the endpoint's reply has a malformed 'usage' field ({exc})") from None
+            self.stats.input_tokens += usage.get("prompt_tokens", 0)
+            self.stats.output_tokens += usage.get("completion_tokens", 0)
             return answer if isinstance(answer, str) else "", usage
         self.stats.failed += 1
         raise CallFailed(f"{last}, after {self.config.max_retries} retries")

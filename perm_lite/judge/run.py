@@ -3,6 +3,10 @@
 Output line = the input record + `labels` ({perspective: int or null}) + `judge` (model,
 and per perspective the score, the judge's reason, the bystander's parts, the raw answer,
 and why a score is null). Bad input lines are reported like `perm score` reports them.
+
+A call that fails (after its retries, or with a reply that is not a chat completion) nulls
+that one label and is counted in `failed_calls`; the run goes on. A refused key (401/403)
+raises `AuthFailed` and ends the run: chunks already written stay written.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from perm_lite.batch import ParsedLine, error_record, read_records
-from perm_lite.judge.client import CallFailed, ChatClient, JudgeConfig
+from perm_lite.judge.client import AuthFailed, CallFailed, ChatClient, JudgeConfig
 from perm_lite.judge.parse import parse_answer
 from perm_lite.records import RecordError
 from perm_lite.rubric import PERSPECTIVE_ORDER, judge_messages
@@ -28,7 +32,9 @@ OUTPUT_TOKENS_ESTIMATE = {"resonation": 35, "expression": 35, "reception": 35, "
 @dataclass
 class JudgeSummary:
     records: int = 0
-    errors: int = 0
+    errors: int = 0  # bad input lines
+    failed_calls: int = 0  # judge calls that failed for good (their labels are null)
+    stopped_early: bool = False  # --on-error stop ended the run at a bad line
     null_labels: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PERSPECTIVE_ORDER, 0))
     seconds: float = 0.0
 
@@ -63,8 +69,9 @@ def dry_run(
         records += 1
         for perspective in PERSPECTIVE_ORDER:
             messages = judge_messages(parsed.dialogue, perspective)
-            key = request_key(config.model, messages, config.temperature)
-            if cache is not None and cache.get(key) is not None:
+            key = request_key(config.endpoint(), config.model, messages, config.temperature, config.max_tokens)
+            hit = cache.get(key) if cache is not None else None
+            if hit is not None and parse_answer(hit[0], perspective).score is not None:
                 cached += 1
                 continue
             calls += 1
@@ -84,12 +91,22 @@ def dry_run(
     }
 
 
-async def _judge_record(client: ChatClient, parsed: ParsedLine, model: str) -> dict[str, Any]:
+async def _judge_record(client: ChatClient, parsed: ParsedLine, model: str, summary: JudgeSummary) -> dict[str, Any]:
+    def usable(perspective: str) -> Callable[[str], bool]:
+        return lambda text: parse_answer(text, perspective).score is not None
+
     async def one(perspective: str) -> dict[str, Any]:
         try:
-            raw = await client.complete(judge_messages(parsed.dialogue, perspective))
+            raw = await client.complete(judge_messages(parsed.dialogue, perspective), accept=usable(perspective))
+        except AuthFailed:
+            raise
         except CallFailed as exc:
+            summary.failed_calls += 1
             return {"score": None, "reason": None, "problem": f"request failed: {exc}", "raw": None}
+        except Exception as exc:  # never let one call cost the others: it becomes this label's problem
+            summary.failed_calls += 1
+            problem = f"request failed: {type(exc).__name__}: {client.scrub(str(exc))}"
+            return {"score": None, "reason": None, "problem": problem, "raw": None}
         judgement = parse_answer(raw, perspective)
         return {**judgement.to_dict(), "raw": raw}
 
@@ -99,6 +116,22 @@ async def _judge_record(client: ChatClient, parsed: ParsedLine, model: str) -> d
     out["labels"] = {p: per[p]["score"] for p in PERSPECTIVE_ORDER}
     out["judge"] = {"model": model, "line": parsed.line, "perspectives": per}
     return out
+
+
+NOT_JSON = "the record holds NaN or Infinity, which JSON does not allow; it was not judged"
+
+
+def _json_line(out: dict[str, Any]) -> str | None:
+    """One strict-JSON output line (lone surrogates escaped); None when the record holds NaN."""
+    try:
+        text = json.dumps(out, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(out, ensure_ascii=True, allow_nan=False)
+    return text + "\n"
 
 
 def judge_file(
@@ -124,16 +157,30 @@ def judge_file(
         async def flush() -> None:
             if not pending:
                 return
-            outputs = await asyncio.gather(*(_judge_record(client, p, config.model) for p in pending))
-            lines = []
-            for out in outputs:
+            tasks = [asyncio.ensure_future(_judge_record(client, p, config.model, summary)) for p in pending]
+            try:
+                outputs = await asyncio.gather(*tasks)
+            except BaseException:  # a refused key (or an interrupt): stop the other calls now
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            lines, bad = [], []
+            for parsed, out in zip(pending, outputs):
+                line = _json_line(out)
+                if line is None:
+                    bad.append({"line": parsed.line, "field": None, "error": NOT_JSON})
+                    continue
                 for perspective, label in out["labels"].items():
                     if label is None:
                         summary.null_labels[perspective] += 1
-                lines.append(json.dumps(out, ensure_ascii=False) + "\n")
+                lines.append(line)
             sink.write("".join(lines))
             sink.flush()
-            summary.records += len(pending)
+            summary.records += len(lines)
+            summary.errors += len(bad)
+            if errors_sink is not None and bad:
+                errors_sink.write("".join(json.dumps(b) + "\n" for b in bad))
             if progress:
                 progress(len(pending))
             pending.clear()
@@ -147,6 +194,7 @@ def judge_file(
                     if report_error:
                         report_error(parsed.error)
                     if on_error == "stop":
+                        summary.stopped_early = True
                         break
                     continue
                 pending.append(parsed)
