@@ -149,8 +149,11 @@ def read_records(stream: IO[bytes], field_map: Mapping[str, str] | None = None) 
 # -- results and errors as JSON lines -----------------------------------------------------
 
 
-def output_record(record: Mapping[str, Any], result: Result, line: int | None) -> dict[str, Any]:
-    """The input record, untouched, plus `scores`, `combined` and `perm` (model, truncation, line)."""
+def output_record(
+    record: Mapping[str, Any], result: Result, line: int | None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The input record, untouched, plus `scores`, `combined`, `perm` (model, truncation,
+    line) and any `extra` fields (e.g. `explain`)."""
     out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS}
     out["scores"] = result.scores
     out["combined"] = result.combined
@@ -161,15 +164,19 @@ def output_record(record: Mapping[str, Any], result: Result, line: int | None) -
         "truncated": result.truncated,
         "tokens": result.tokens,
     }
+    if extra:
+        out.update(extra)
     return out
 
 
-def output_line(record: Mapping[str, Any], result: Result, line: int | None) -> str:
+def output_line(
+    record: Mapping[str, Any], result: Result, line: int | None, extra: Mapping[str, Any] | None = None
+) -> str:
     """`output_record` as one strict JSON line (no NaN, valid UTF-8), or `RecordError`."""
     bad = [k for k, v in (*result.scores.items(), ("combined", result.combined)) if not math.isfinite(v)]
     if bad:
         raise RecordError(f"the model gave a non-finite score ({', '.join(bad)}); nothing written", "scores")
-    out = output_record(record, result, line)
+    out = output_record(record, result, line, extra)
     try:
         text = json.dumps(out, ensure_ascii=False, allow_nan=False)
         text.encode("utf-8")
@@ -309,8 +316,12 @@ def score_file(
     chunk_size: int = 512,
     progress: Callable[[int], None] | None = None,
     report_error: Callable[[RecordError], None] | None = None,
+    annotate: Callable[[Dialogue, Result], Mapping[str, Any]] | None = None,
 ) -> Summary:
     """Score a JSONL stream into `sink`, one output line per good record, in input order.
+
+    `annotate(dialogue, result)` returns extra output fields for a record (`perm score
+    --explain`); a failure there is that record's error.
 
     Bad records (unreadable, invalid, or failing to score or to be written as strict
     JSON) go to `errors_sink` (JSON lines with line, field and reason) and to
@@ -346,7 +357,8 @@ def score_file(
             handled += 1
             if isinstance(outcome, Result):
                 try:
-                    lines.append(output_line(parsed.record, outcome, parsed.line))
+                    extra = annotate(parsed.dialogue, outcome) if annotate else None
+                    lines.append(output_line(parsed.record, outcome, parsed.line, extra))
                     good.append(outcome)
                     if any(k in parsed.record for k in OUTPUT_FIELDS):
                         summary.replaced_fields += 1

@@ -84,6 +84,15 @@ class Explanation:
         worst = self.top(check, k=1, helped=False)
         return worst[0] if worst else None
 
+    def summary(self, k: int = 2) -> dict[str, list[dict[str, Any]]]:
+        """Per check, the k sentences that moved it most (either way), largest first:
+        `[{"sentence", "delta"}]` (the `explain` field of `perm score --explain`)."""
+        out = {}
+        for check in CHECKS:
+            ranked = sorted(self.sentences, key=lambda c: abs(c.deltas[check]), reverse=True)[:k]
+            out[check] = [{"sentence": c.text, "delta": c.deltas[check]} for c in ranked if c.deltas[check] != 0]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "result": self.result.to_dict(),

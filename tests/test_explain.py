@@ -87,3 +87,38 @@ def test_guardrail_names_the_sentence_that_hurt_most(default_scorer):
         assert verdict.culprit["delta"] < 0
     passing = Guardrail({"combined": -10.0}, scorer=default_scorer).check(RECORD)
     assert not passing.flagged and passing.culprit is None
+
+
+def test_cli_explain_score_explain_and_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from perm_lite.cli.main import app
+
+    runner = CliRunner()
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({**RECORD, "id": "a"}) + "\n" + "{broken\n" + json.dumps({"response": "Fine."}) + "\n")
+    out = tmp_path / "explained.jsonl"
+    res = runner.invoke(app, ["explain", str(src), "-o", str(out)])
+    assert res.exit_code == 3, res.output  # one record skipped
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 3] and rows[0]["id"] == "a"
+    assert len(rows[0]["sentences"]) == 4
+    # never the input, never an existing file without --overwrite
+    assert runner.invoke(app, ["explain", str(src), "-o", str(src)]).exit_code == 2
+    assert runner.invoke(app, ["explain", str(src), "-o", str(out)]).exit_code == 2
+
+    scored = tmp_path / "scored.jsonl"
+    res = runner.invoke(app, ["score", str(src), "-o", str(scored), "--explain", "2"])
+    assert res.exit_code == 3, res.output
+    first = json.loads(scored.read_text().splitlines()[0])
+    assert set(first["explain"]) == {"resonation", "expression", "reception", "bystander", "combined"}
+    assert 1 <= len(first["explain"]["combined"]) <= 2
+    deltas = [abs(s["delta"]) for s in first["explain"]["combined"]]
+    assert deltas == sorted(deltas, reverse=True)
+
+    page = tmp_path / "report.html"
+    res = runner.invoke(app, ["report", str(scored), "-o", str(page), "--by", "id"])
+    assert res.exit_code == 0, res.output
+    html = page.read_text()
+    assert "<td>2</td><td>0</td><td>1</td><td>0</td>" in html  # 2 scored, 1 error in scored.jsonl.errors.jsonl
+    assert runner.invoke(app, ["report", str(scored), "-o", str(page)]).exit_code == 2  # exists
