@@ -194,3 +194,36 @@ def test_contrastive_set_is_complete_and_scored():
     # the length baseline ranks padding first
     length = chatbot_eval.length_predictor([d for i in items for d in chatbot_eval.contrastive_dialogues(i)])
     assert chatbot_eval.contrastive_eval(items, length)["rates"]["combined"]["warm>padded"] == 0.0
+
+
+def test_behaviour_ladder_pairs_and_generators(mint_dir):
+    from perm_lite.training import weak
+
+    rng = random.Random(3)
+    texts = {weak.rich_dismissive_reply(rng) for _ in range(50)}
+    assert len(texts) > 30  # compositional, not a handful of strings
+    assert all(4 <= len(t.split()) <= 60 for t in texts)
+    chatter = {weak.offtopic_chatter(rng) for _ in range(50)}
+    assert len(chatter) > 20 and all(t[0].isupper() for t in chatter)
+
+    corpus = Corpus()
+    chatbot_data.add_mint(corpus, mint_dir)
+    before = len(corpus.pairs)
+    counterfactual.behaviour_ladder(corpus, 0, rng)  # a reply the judge rated 4.5
+    new = corpus.pairs[before:]
+    kinds = {p.source: (corpus.examples[p.better].kind, corpus.examples[p.worse].kind) for p in new}
+    assert kinds == {
+        "cf:ladder_real>generic": ("chatbot", "ladder:generic"),
+        "cf:ladder_real>dismissive": ("chatbot", "ladder:dismissive"),
+        "cf:ladder_real>offtopic": ("chatbot", "ladder:offtopic"),
+        "cf:ladder_generic>dismissive": ("ladder:generic", "ladder:dismissive"),
+        "cf:ladder_generic>offtopic": ("ladder:generic", "ladder:offtopic"),
+    }
+    assert all(p.heads == (0, 1, 2, 3) for p in new)
+    assert all(corpus.examples[p.worse].dialogue.query == corpus.examples[0].dialogue.query for p in new)
+    # a reply rated at the bottom does not beat polite filler
+    low = Corpus()
+    chatbot_data.add_mint(low, mint_dir)
+    low.examples[0].targets[:] = 0.0
+    counterfactual.behaviour_ladder(low, 0, rng)
+    assert "cf:ladder_real>generic" not in {p.source for p in low.pairs}

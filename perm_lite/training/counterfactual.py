@@ -12,6 +12,10 @@ context, so the model learns what the edit removed or added, whatever the writer
   words; all four heads: padding is not empathy, and the bystander rubric penalises it).
 - `offtopic`: a reply to another conversation of the same source (all heads but expression,
   whose rubric is about how a thing is said).
+- behaviour ladders (`behaviour_ladder`): for a context, a polite generic reply, a varied
+  dismissive one and friendly off-topic chatter (weak.py's compositional generators);
+  pairs real > generic > dismissive and real > generic > off-topic on every head. Polite
+  filler is poor support, but a reply that dismisses or ignores the seeker is worse.
 """
 
 from __future__ import annotations
@@ -120,6 +124,13 @@ def add_counterfactuals(
         j = corpus.add(Example(edited, _targets(), real.source, real.group, real.split, 0.0, kind))
         corpus.pairs.append(Pair(i, j, heads, f"cf:{kind}"))
 
+    ladder_sources = ("mint", "ieval", "epitome", "esconv", "condolence", "failedesconv")
+    candidates = [
+        n for n, e in enumerate(corpus.examples) if e.kind in ("human", "chatbot") and e.source in ladder_sources
+    ]
+    for i in rng.sample(candidates, min(per_source * 2, len(candidates))):
+        behaviour_ladder(corpus, i, rng)
+
     removals = epitome_removals(Path(data_dir) / "epitome") if with_epitome else []
     rng.shuffle(removals)
     for post, reply, edited, mechanism, key in removals[: per_source * 2]:
@@ -150,3 +161,40 @@ def add_counterfactuals(
                 if other.group.split(":")[:2] != real.group.split(":")[:2] and other.split == real.split:
                     heads = tuple(HEAD[h] for h in ("resonation", "reception", "bystander"))
                     add_pair(real, other.dialogue.response, heads, "offtopic", i)
+
+
+def behaviour_ladder(corpus, i: int, rng: random.Random) -> None:
+    """Generic, dismissive and off-topic replies to example i's context, with the pairs
+    real > generic > {dismissive, off-topic} on every head (see the module doc)."""
+    from perm_lite.training.data import HEAD, Example, Pair, _targets
+
+    real = corpus.examples[i]
+    d = real.dialogue
+    heads = tuple(range(len(HEAD)))
+
+    def add(text: str, kind: str, targets) -> int:
+        variant = Dialogue(response=text, query=d.query, scenario=d.scenario, persona=d.persona, history=d.history)
+        return corpus.add(Example(variant, targets, real.source, real.group, real.split, 0.5, kind))
+
+    generic = add(
+        weak.generic_reply(rng, rng.randint(15, 45)),
+        "ladder:generic",
+        _targets(resonation=0.25, expression=0.25, reception=0.25, bystander=0.3),
+    )
+    dismissive = add(
+        weak.rich_dismissive_reply(rng),
+        "ladder:dismissive",
+        _targets(resonation=0.0, expression=0.05, reception=0.0, bystander=0.1),
+    )
+    offtopic = add(
+        weak.offtopic_chatter(rng),
+        "ladder:offtopic",
+        _targets(resonation=0.0, expression=0.1, reception=0.0, bystander=0.05),
+    )
+    labelled = real.targets[[HEAD["resonation"], HEAD["reception"]]]
+    if not (labelled[labelled == labelled] <= 0.25).all():  # the real reply is rated above the bottom
+        corpus.pairs.append(Pair(i, generic, heads, "cf:ladder_real>generic"))
+    corpus.pairs.append(Pair(i, dismissive, heads, "cf:ladder_real>dismissive"))
+    corpus.pairs.append(Pair(i, offtopic, heads, "cf:ladder_real>offtopic"))
+    corpus.pairs.append(Pair(generic, dismissive, heads, "cf:ladder_generic>dismissive"))
+    corpus.pairs.append(Pair(generic, offtopic, heads, "cf:ladder_generic>offtopic"))
