@@ -90,9 +90,8 @@ def test_guardrail_names_the_sentence_that_hurt_most(default_scorer):
 
 
 def test_cli_explain_score_explain_and_report(tmp_path):
-    from typer.testing import CliRunner
-
     from perm_lite.cli.main import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     src = tmp_path / "in.jsonl"

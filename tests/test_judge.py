@@ -421,3 +421,98 @@ def test_output_that_is_the_input_is_refused(tmp_path, server):
     result = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
     assert result.exit_code == 2 and "is the input file" in result.output, result.output
     assert source.read_bytes() == before and ScriptedJudge.requests == []
+
+
+def judge_args(source, out, server, *extra):
+    return ["judge", str(source), "-o", str(out), "--base-url", server, "--model", "judge-x", *extra]
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "errors-path"])
+def test_output_or_errors_path_that_is_the_input_under_another_name_is_refused(tmp_path, server, how):
+    source = write_input(tmp_path, GOOD_ROWS)
+    before = source.read_bytes()
+    if how == "symlink":
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(source)
+    elif how == "hardlink":
+        out = tmp_path / "hard.jsonl"
+        out.hardlink_to(source)
+    else:  # the input is where OUT's errors would go
+        out = tmp_path / "labels.jsonl"
+        source = source.rename(tmp_path / "labels.jsonl.errors.jsonl")
+    result = CliRunner().invoke(app, judge_args(source, out, server, "--overwrite"), env={"OPENAI_API_KEY": SECRET})
+    assert result.exit_code == 2 and "is the input file" in result.output, result.output
+    assert source.read_bytes() == before and ScriptedJudge.requests == []  # not emptied, nothing sent
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "dangling-symlink"])
+def test_output_that_is_not_a_regular_file_is_refused(tmp_path, server, kind):
+    import os
+
+    source = write_input(tmp_path, GOOD_ROWS)
+    out = tmp_path / "target"
+    if kind == "directory":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif kind == "fifo":
+        os.mkfifo(out)  # opening it for writing would block forever
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    args = judge_args(source, out, server, "--overwrite")
+    result = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert out.is_symlink() or out.exists()  # nothing removed
+    if kind == "directory":
+        assert (out / "keep.txt").read_text() == "mine"
+    assert ScriptedJudge.requests == []
+
+
+def test_failing_run_with_overwrite_keeps_the_old_output(tmp_path, start_server):
+    url = start_server("401")  # every call refused: the run fails after it started
+    old_labels, old_errors = '{"id": "old", "labels": {}}\n', '{"line": 9, "error": "old"}\n'
+    (tmp_path / "labels.jsonl").write_text(old_labels)
+    (tmp_path / "labels.jsonl.errors.jsonl").write_text(old_errors)
+    rows = [*GOOD_ROWS, "not json"]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in rows))
+    args = judge_args(path, tmp_path / "labels.jsonl", url, "--overwrite")
+    result = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
+    assert result.exit_code == 1, result.output
+    assert ScriptedJudge.requests  # it did start
+    assert (tmp_path / "labels.jsonl").read_text() == old_labels  # it used to be emptied at the start
+    assert (tmp_path / "labels.jsonl.errors.jsonl").read_text() == old_errors
+    assert not list(tmp_path.glob(".*perm-tmp")), list(tmp_path.iterdir())  # its temporary files are gone
+
+
+def test_overwrite_replaces_output_and_errors_when_the_run_finishes(tmp_path, server):
+    (tmp_path / "labels.jsonl").write_text('{"id": "old"}\n')
+    (tmp_path / "labels.jsonl.errors.jsonl").write_text('{"line": 9, "error": "old"}\n')
+    result, rows = run_judge(tmp_path, server, "--overwrite", rows=GOOD_ROWS)
+    assert result.exit_code == 0, result.output
+    assert list(rows) == ["a", "b"]
+    assert (tmp_path / "labels.jsonl.errors.jsonl").read_text() == ""  # this run had no bad records
+    assert not list(tmp_path.glob(".*perm-tmp"))
+
+
+def test_existing_errors_file_needs_overwrite(tmp_path, server):
+    errors = tmp_path / "labels.jsonl.errors.jsonl"
+    errors.write_text('{"line": 9, "error": "old"}\n')
+    result, rows = run_judge(tmp_path, server, rows=GOOD_ROWS)
+    assert result.exit_code == 2 and "--overwrite" in result.output, result.output
+    assert errors.read_text() == '{"line": 9, "error": "old"}\n' and rows == {} and ScriptedJudge.requests == []
+
+
+def test_no_bad_records_and_no_errors_file_means_none_is_created(tmp_path, server):
+    result, rows = run_judge(tmp_path, server, rows=GOOD_ROWS)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "labels.jsonl.errors.jsonl").exists()
+
+
+def test_cache_that_is_the_input_is_refused(tmp_path, server):
+    source = write_input(tmp_path, GOOD_ROWS)
+    before = source.read_bytes()
+    args = judge_args(source, tmp_path / "labels.jsonl", server, "--cache", str(source))
+    result = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
+    assert result.exit_code == 2 and "is the input file" in result.output, result.output
+    assert source.read_bytes() == before and ScriptedJudge.requests == []

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from perm_lite.batch import ParsedLine, error_record, read_records
+from perm_lite.batch import ParsedLine, error_line, error_record, read_records
 from perm_lite.judge.client import AuthFailed, CallFailed, ChatClient, JudgeConfig
 from perm_lite.judge.parse import parse_answer
 from perm_lite.records import RecordError
@@ -190,7 +190,7 @@ def judge_file(
                 if parsed.error is not None:
                     summary.errors += 1
                     if errors_sink is not None:
-                        errors_sink.write(json.dumps(error_record(parsed), ensure_ascii=False) + "\n")
+                        errors_sink.write(error_line(error_record(parsed)))
                     if report_error:
                         report_error(parsed.error)
                     if on_error == "stop":
