@@ -180,8 +180,20 @@ def score(
         EngineChoice, typer.Option(help="local, or ray (input: files/directories; output: a directory).")
     ] = EngineChoice.local,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Ray: scoring actors (one model each).")] = 2,
-    threads_per_worker: Annotated[int, typer.Option(min=1, help="Ray: onnxruntime threads per actor.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Ray: scoring actors, one model each (default: as many as the cluster's CPUs hold)."),
+    ] = None,
+    threads_per_worker: Annotated[
+        int | None,
+        typer.Option(min=1, help="Ray: onnxruntime threads (CPU slots) per actor (default: --threads or 1)."),
+    ] = None,
+    explain: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Add `explain`: the N sentences that moved each score most (occlusion; ~1 extra batch/record)."
+        ),
+    ] = 0,
 ) -> None:
     """Score a JSONL file of dialogues; write one result line per record."""
     from perm_lite.batch import (
@@ -210,6 +222,8 @@ def score(
         raise _fail(f"--fields: unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}", 2)
     weight_map = _parse_weights(weights)
     bystander_coef = _finite(bystander_coef, "--bystander-coef")
+    if engine is EngineChoice.ray and explain:
+        raise _fail("--explain runs with the local engine only", EXIT_USAGE)
     if engine is EngineChoice.ray:
         options = {"combine": combine.value, "bystander_coef": bystander_coef, "weights": weight_map}
         _score_on_ray(
@@ -225,8 +239,18 @@ def score(
             workers,
             threads_per_worker,
             options,
+            provider=provider.value,
+            threads=threads,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            errors=errors,
         )
         return
+    ray_only = [name for name, value in (("--address", address), ("--workers", workers)) if value is not None]
+    if threads_per_worker is not None:
+        ray_only.append("--threads-per-worker")
+    if ray_only:
+        raise _fail(f"{', '.join(ray_only)}: for --engine ray only (the local engine uses --threads)", EXIT_USAGE)
     _check_input(input)
     out_path = None if output == "-" else Path(output)
     if out_path is None and resume:
@@ -285,6 +309,7 @@ def score(
                 field_map=field_map,
                 progress=tick,
                 report_error=report,
+                annotate=_explainer(scorer, explain) if explain else None,
             )
         if summary.interrupted and plan.replacing:
             plan.abort()  # --overwrite replaces only on success: the old files stay whole
@@ -327,6 +352,19 @@ def score(
         raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
+def _explainer(scorer, k: int):
+    """`score_file`'s annotate hook for --explain: a failure is that record's error."""
+    from perm_lite.records import RecordError
+
+    def annotate(dialogue, result) -> dict:
+        try:
+            return {"explain": scorer.explain(dialogue).summary(k)}
+        except Exception as exc:  # one record's explanation must not end the run
+            raise RecordError(f"could not be explained ({type(exc).__name__}: {exc})", "response") from None
+
+    return annotate
+
+
 _RAY_OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -334,8 +372,8 @@ def _ray_output_entry(entry: Path) -> bool:
     """Whether `entry` looks like a file an earlier perm Ray run wrote (and --overwrite may replace)."""
     if entry.is_symlink() or not entry.is_file():
         return False
-    if entry.name == "_errors.jsonl":
-        return True
+    if entry.name == "_errors.jsonl" or (entry.name.startswith(".") and entry.name.endswith(".perm-tmp")):
+        return True  # (the temporary file of a run that was killed)
     if entry.suffix == ".jsonl":
         with open(entry, "rb") as fh:
             first = fh.readline()
@@ -400,14 +438,33 @@ def _score_on_ray(
     overwrite: bool,
     quiet: bool,
     address: str | None,
-    workers: int,
-    threads_per_worker: int,
+    workers: int | None,
+    threads_per_worker: int | None,
     scorer_options: dict,
+    *,
+    provider: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 32,
+    cache_dir: str | None = None,
+    errors: str | None = None,
 ) -> None:
+    """--engine ray: every scoring option reaches the actors (--provider, --batch-size,
+    --cache-dir, --threads as threads per actor) or is refused here, never ignored."""
     if resume:
         raise _fail("--resume is for the local engine; a Ray run writes a fresh output directory", EXIT_USAGE)
     if output == "-":
         raise _fail("--engine ray writes a directory: give -o OUTPUT_DIR", EXIT_USAGE)
+    if errors is not None:
+        raise _fail(
+            "--errors is for the local engine; with --engine ray bad records go to OUTPUT/_errors.jsonl", EXIT_USAGE
+        )
+    if threads is not None and threads_per_worker is not None and threads != threads_per_worker:
+        raise _fail(
+            f"--threads {threads} and --threads-per-worker {threads_per_worker} disagree: with --engine ray "
+            "give --threads-per-worker (onnxruntime threads per actor)",
+            EXIT_USAGE,
+        )
+    per_worker = threads_per_worker or threads or 1
     out = Path(output)
     earlier = _check_ray_paths(input, out, overwrite)
     try:
@@ -416,11 +473,7 @@ def _score_on_ray(
         from perm_lite.integrations import ray_engine
     except ImportError as exc:
         raise _fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
-    try:
-        for entry in earlier:  # an earlier perm output, checked above: files only, never a tree
-            entry.unlink()
-    except OSError as exc:
-        raise _fail(f"cannot replace {exc.filename}: {exc.strerror or exc}") from None
+    options = {**scorer_options, "cache_dir": cache_dir}
     try:
         summary = ray_engine.run(
             input,
@@ -428,19 +481,33 @@ def _score_on_ray(
             address=address,
             model=model,
             workers=workers,
-            threads_per_worker=threads_per_worker,
+            threads_per_worker=per_worker,
             field_map=parse_mapping(fields, "--fields") or None,
-            scorer_options={k: v for k, v in scorer_options.items() if v is not None},
+            scorer_options={k: v for k, v in options.items() if v is not None},
             on_error=on_error,
+            provider=provider,
+            inference_batch_size=batch_size,
+            replaces=earlier,  # removed only once the run has finished
+            names=("--workers", "--threads-per-worker"),
+            note=(lambda text: None) if quiet else (lambda text: _err(f"note: {text}")),
         )
     except ImportError as exc:
         raise _fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # bad options, or a configuration Ray could never schedule
         raise _fail(str(exc), EXIT_USAGE) from None
+    except PermError as exc:  # the model, or writing the outputs
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            f"interrupted: {out} was left as it was (outputs are replaced only when a run finishes)", 130
+        ) from None
+    except Exception as exc:  # the Ray job failed as a whole (not one record)
+        raise _fail(f"the Ray run failed ({ray_engine.describe_failure(exc)}); {out} was left as it was") from None
     if not quiet:
         rate = summary.scored / summary.seconds if summary.seconds else 0.0
         _err(
-            f"scored {summary.scored} records in {summary.seconds:.1f} s ({rate:.1f} rec/s) on Ray, "
+            f"scored {summary.scored} records in {summary.seconds:.1f} s ({rate:.1f} rec/s) on Ray "
+            f"({summary.workers} actors x {summary.threads_per_worker} threads, {summary.provider}), "
             f"{summary.errors} errors" + (f" (see {out / '_errors.jsonl'})" if summary.errors else "")
         )
     if summary.errors:
@@ -692,6 +759,8 @@ def serve(
             thresholds[name] = float(value)
         except ValueError:
             raise _fail(f"--threshold {name}={value!r}: not a number", EXIT_USAGE) from None
+        if not math.isfinite(thresholds[name]):
+            raise _fail(f"--threshold {name}={value!r}: not a finite number", EXIT_USAGE)
     auth_token = None
     if auth_token_env is not None:
         auth_token = os.environ.get(auth_token_env, "").strip()
@@ -734,6 +803,38 @@ def serve(
         raise typer.Exit(130) from None
 
 
+def _judge_outputs(input: str, output: str, cache_path: Path | None, overwrite: bool):
+    """perm judge's OUTPUT and OUTPUT.errors.jsonl, protected as perm score protects its
+    outputs: refused when one is the input (links included) or not a regular file, or
+    exists without --overwrite; with --overwrite written beside the target and renamed
+    over it only when the run finishes. The answer cache must not be any of those files."""
+    from perm_lite.batch import TargetError, check_target, default_errors_path, input_identity, plan_outputs
+
+    out_path, errors_path = Path(output), default_errors_path(output)
+    source = input_identity(input)
+    try:
+        out_st = check_target(out_path, "output", source)
+        errors_st = check_target(errors_path, "errors file", source)
+        if cache_path is not None and (cache_path.exists() or cache_path.is_symlink()):
+            check_target(cache_path, "answer cache", source)
+        if cache_path is not None and os.path.realpath(cache_path) in {
+            os.path.realpath(out_path),
+            os.path.realpath(errors_path),
+        }:
+            raise TargetError(f"the answer cache {cache_path} is an output of this run; give --cache another path")
+        if out_st is not None and out_st.st_size and not overwrite:
+            raise TargetError(
+                f"{out_path} exists: use --overwrite (answers already paid for come from the cache {cache_path})"
+            )
+        if errors_st is not None and errors_st.st_size and not overwrite:
+            raise TargetError(
+                f"{errors_path} exists (bad records of an earlier run): use --overwrite to replace it, or another -o"
+            )
+        return plan_outputs(input, out_path, errors_path, overwrite=True)  # refusals checked above
+    except TargetError as exc:
+        raise _fail(str(exc), exc.code) from None
+
+
 @app.command()
 def judge(
     input: Annotated[str, typer.Argument(help="JSONL file of dialogues to label.")],
@@ -759,7 +860,9 @@ def judge(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Label records PERM's way: four rubric judgements per record from an LLM endpoint."""
-    from perm_lite.batch import count_lines, default_errors_path
+    import sqlite3
+
+    from perm_lite.batch import OutputWriteError, count_lines, printable
 
     try:
         from perm_lite.judge.cache import AnswerCache
@@ -793,11 +896,12 @@ def judge(
             check_endpoint(config.base_url, bool(os.environ.get(api_key_env)), allow_insecure_http)
         except InsecureEndpoint as exc:
             raise _fail(str(exc), EXIT_USAGE) from None
-        for path in (Path(output), default_errors_path(output)):
-            if path.exists() and os.path.samefile(path, input):
-                raise _fail(f"{path} is the input file: write the labels somewhere else", EXIT_USAGE)
     cache_path = Path(cache) if cache else (Path(output + ".cache.sqlite") if output else None)
-    answers = AnswerCache(cache_path) if cache_path else None
+    plan = _judge_outputs(input, output, cache_path, overwrite) if not dry_run else None
+    try:
+        answers = AnswerCache(cache_path) if cache_path else None
+    except (sqlite3.Error, OSError) as exc:
+        raise _fail(f"cannot use the answer cache {cache_path}: {exc}") from None
     if dry_run:
         with open(input, "rb") as source:
             estimate = judge_dry_run(source, config, price_input, price_output, answers)
@@ -806,36 +910,45 @@ def judge(
     if not os.environ.get(api_key_env):
         _err(f"note: ${api_key_env} is not set; requests go without an API key (fine for local servers)")
     out_path = Path(output)
-    if out_path.exists() and out_path.stat().st_size and not overwrite:
-        raise _fail(
-            f"{out_path} exists: use --overwrite (answers already paid for come from the cache {cache_path})",
-            EXIT_USAGE,
-        )
-    errors_path = default_errors_path(output)
     show = not quiet and sys.stderr.isatty()
 
     def report(err) -> None:
         if not quiet:
-            _err(f"skipped {err}" if on_error == "skip" else f"error: {err}")
+            _err(printable(f"skipped {err}" if on_error == "skip" else f"error: {err}"))
 
-    with (
-        open(input, "rb") as source,
-        open(out_path, "w", encoding="utf-8") as sink,
-        open(errors_path, "w", encoding="utf-8") as errors_sink,
-        _progress(show, count_lines(input) if show else None) as tick,
-    ):
-        try:
+    kept = f"{out_path} was left as it was (--overwrite replaces it only when a run finishes)"
+    try:
+        with open(input, "rb") as source, _progress(show, count_lines(input) if show else None) as tick:
+            plan.output.open()  # created (or its replacement started) before the first call
             summary, client = judge_file(
-                config, source, sink, errors_sink, cache=answers, on_error=on_error, progress=tick, report_error=report
+                config,
+                source,
+                plan.output,
+                plan.errors,
+                cache=answers,
+                on_error=on_error,
+                progress=tick,
+                report_error=report,
             )
-        except AuthFailed as exc:  # a refused key: one line, nothing more sent
-            if answers is not None:
-                answers.close()
-            raise _fail(str(exc)) from None
-    if answers is not None:
-        answers.close()
-    if summary.errors == 0 and errors_path.stat().st_size == 0:
-        errors_path.unlink()
+        plan.commit()  # a finished run (exit 0, 3 or 4): the labels replace OUTPUT now
+    except AuthFailed as exc:  # a refused key: one line, nothing more sent
+        plan.abort()
+        raise _fail(str(exc)) from None
+    except OutputWriteError as exc:
+        plan.abort()
+        raise _fail(printable(str(exc))) from None
+    except KeyboardInterrupt:
+        plan.abort()
+        raise _fail(f"interrupted: {kept if plan.replacing else 'labels judged so far were kept'}", 130) from None
+    except OSError as exc:  # reading the input
+        plan.abort()
+        raise _fail(f"cannot read {input}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        plan.abort()
+        raise _fail(f"judging failed ({type(exc).__name__}: {printable(str(exc))})") from None
+    finally:
+        if answers is not None:
+            answers.close()
     stats = client.stats
     if not quiet:
         nulls = ", ".join(f"{k} {v}" for k, v in summary.null_labels.items() if v) or "none"
@@ -890,3 +1003,11 @@ def distill(
         raise _fail(str(exc)) from None
     typer.echo(json.dumps({"labels": report["labels"], "agreement_test": report["agreement_test"]}, indent=2))
     _err(f"model written to {out} (card: {out / 'README.md'}); use it with --model {out}")
+
+
+# One module per command group (see ARCHITECTURE.md): explain and report live in their own.
+from perm_lite.cli.explain_commands import explain as _explain_command  # noqa: E402
+from perm_lite.cli.explain_commands import report as _report_command  # noqa: E402
+
+app.command("explain")(_explain_command)
+app.command("report")(_report_command)

@@ -101,6 +101,9 @@ def test_health_and_model(client, scorer):
     model = client.get("/v1/model").json()
     assert model["name"] == scorer.config.name and model["scales"]["bystander"] == [0.0, 100.0]
     assert model["limits"]["max_records"] == 8 and model["default_thresholds"] == {"reception": 1.5}
+    assert model["limits"]["max_queue_records"] == 4096 and model["limits"]["max_queue_chars"] == 16_000_000
+    assert model["auth"] is False
+    assert health["pending"] == {"requests": 0, "records": 0, "chars": 0, "body_bytes": 0}
 
 
 # -- the batcher, with a stand-in scoring function ---------------------------------------

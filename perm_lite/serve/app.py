@@ -5,14 +5,33 @@
     GET  /healthz    liveness, queue depth, batching counters (503 while shutting down)
     GET  /v1/model   the model's name, version, perspectives, scales and limits
 
-RECORD is the same object `perm score` reads from JSONL. Invalid input is a 4xx naming the
-record index and field; a body over the size limit is 413; a full request queue is 503
-with Retry-After. Concurrent requests are merged into batches (see batcher.py).
+RECORD is the same object `perm score` reads from JSONL. A request fails only on its own
+records: invalid input (a missing field, a lone surrogate, a number JSON cannot carry,
+nesting deeper than MAX_DEPTH) is a 4xx naming the record index and field, never a 500
+and never a failure of the requests batched with it. Strict JSON: NaN and Infinity are
+refused. POST bodies must be `application/json` (415 otherwise, so a cross-site form or
+`text/plain` post is never scored). A body over the size limit is 413.
+
+Work is bounded, not just requests: `queue_size` waiting requests, `max_queue_records`
+records and `max_queue_chars` characters (request-body bytes, counted from the first byte
+read until the answer) held by requests in progress; beyond any of these, 503 with
+Retry-After. A client that disconnects has its work dropped. On shutdown every accepted
+request is answered or refused with 503 within `shutdown_timeout` seconds.
+
+Optional bearer-token auth (`auth_token`): every path but /healthz, /openapi.json and the
+docs pages needs `Authorization: Bearer <token>`, else 401. /docs and /redoc (which load their JavaScript
+from a CDN) are off unless `docs=True`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hmac
 import json
+import logging
+import math
+import re
 import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -20,12 +39,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
-from perm_lite.guardrail import Guardrail
+from perm_lite.guardrail import CHECKS, Guardrail
 from perm_lite.records import RecordError, parse_record
 from perm_lite.scales import PERSPECTIVES, SCALES
 from perm_lite.scorer import Scorer
-from perm_lite.serve.batcher import MicroBatcher, QueueFull
+from perm_lite.serve.batcher import MicroBatcher, QueueFull, RecordsFailed, ShuttingDown
+
+log = logging.getLogger("perm_lite.serve")
+
+MAX_DEPTH = 64  # JSON nesting inside one record
+RETRY = {"Retry-After": "1"}
+OPEN_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # docs: 404 unless on
 
 
 class HTTPProblem(Exception):
@@ -34,19 +60,193 @@ class HTTPProblem(Exception):
         self.status, self.error, self.details, self.headers = status, error, details, dict(headers or {})
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+# -- strict JSON ---------------------------------------------------------------------------
+
+
+class _Invalid:
+    """Stands in for a JSON value Python cannot carry faithfully; reported with its place."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parse_int(text: str) -> int | _Invalid:
+    try:
+        return int(text)
+    except ValueError:  # over sys.get_int_max_str_digits()
+        return _Invalid(f"an integer of {len(text.lstrip('-'))} digits is too large")
+
+
+def _parse_float(text: str) -> float | _Invalid:
+    value = float(text)
+    return value if math.isfinite(value) else _Invalid(f"the number {text[:20]} is out of range")
+
+
+def _parse_constant(name: str) -> _Invalid:
+    return _Invalid(f"{name} is not valid JSON")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
+
+
+def _safe(text: Any) -> str:
+    """Text fit for a JSON answer (lone surrogates escaped)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _problem(value: Any) -> str | None:
+    """Why a parsed JSON value cannot be used (None if it can); iterative, any depth."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return "a lone surrogate (\\ud800-\\udfff) is not valid Unicode"
+        elif isinstance(item, _Invalid):
+            return item.reason
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                stack.extend((k, depth + 1) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def _locate_nesting(text: str, limit: int) -> tuple[list[Any], int]:
+    """Where `text` first nests deeper than `limit`: the path of keys/indexes to there."""
+    stack: list[list[Any]] = []  # [kind, key or index, expecting a key]
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        top = stack[-1] if stack else None
+        if token[0] == '"':
+            if top is not None and top[0] == "{" and top[2]:
+                try:
+                    top[1] = json.loads(token)
+                except ValueError:
+                    top[1] = token[1:-1]
+        elif token in "{[":
+            if top is not None and top[0] == "[" and top[1] is None:
+                top[1] = 0
+            stack.append([token, None, token == "{"])
+            if len(stack) > limit:
+                break
+        elif token in "}]":
+            if stack:
+                stack.pop()
+        elif token == "," and top is not None:
+            if top[0] == "[":
+                top[1] = (top[1] or 0) + 1
+            else:
+                top[2] = True
+        elif token == ":" and top is not None:
+            top[2] = False
+    return [entry[1] if entry[1] is not None else 0 for entry in stack], len(stack)
+
+
+def _nesting_problem(text: str) -> HTTPProblem:
+    path, _ = _locate_nesting(text, MAX_DEPTH + 2)
+    reason = f"nested deeper than {MAX_DEPTH} levels"
+    if len(path) >= 3 and path[0] == "records" and isinstance(path[1], int):
+        return HTTPProblem(422, "1 invalid record(s); nothing was scored", [_detail(path[1], path[2], reason)])
+    if len(path) >= 2 and path[0] == "record":
+        return HTTPProblem(422, "1 invalid record(s); nothing was scored", [_detail(0, path[1], reason)])
+    where = ".".join(_safe(p) for p in path[:3] if p is not None)
+    return HTTPProblem(400, f"body is not valid JSON: {reason} (at {where or 'the top level'})")
+
+
+def _detail(index: int, field: Any, reason: str) -> dict:
+    return {"index": index, "field": None if field is None else _safe(field), "error": _safe(reason)}
+
+
+def _loads(body: bytes | bytearray) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPProblem(400, f"body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except RecursionError:
+        raise _nesting_problem(text) from None
+    except ValueError as exc:
+        raise HTTPProblem(400, f"body is not valid JSON: {_safe(exc)}") from None
+
+
+# -- reading a body within the budget ------------------------------------------------------
+
+
+class _Budget:
+    """Request-body bytes held by requests in progress (read, waiting or being scored)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+
+class _Hold:
+    def __init__(self, budget: _Budget) -> None:
+        self.budget, self.amount = budget, 0
+
+    def grow(self, n: int) -> bool:
+        others = self.budget.used - self.amount
+        if others > 0 and self.budget.used + n > self.budget.limit:
+            return False
+        self.budget.used += n
+        self.amount += n
+        return True
+
+    def release(self) -> None:
+        self.budget.used -= self.amount
+        self.amount = 0
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Read and discard what is left of a body we refuse, so the client reads our answer."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return
+    except (ClientDisconnect, RuntimeError):
+        return
+
+
+async def _read_json(request: Request, limit: int, hold: _Hold) -> Any:
+    if not _is_json(request.headers.get("content-type")):
+        raise HTTPProblem(415, "send the body as JSON with the header Content-Type: application/json")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPProblem(413, f"request body is {declared} bytes; the limit is {limit} (send fewer records)")
+    busy = HTTPProblem(503, "server busy: the queue holds its limit of request characters; retry later", headers=RETRY)
+    if declared is not None and declared.isdigit() and not hold.grow(int(declared)):
+        await _drain(request, limit)
+        raise busy
+    counted = hold.amount
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPProblem(413, f"request body exceeds the limit of {limit} bytes (send fewer records)")
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPProblem(400, f"body is not valid JSON: {exc}") from None
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPProblem(413, f"request body exceeds the limit of {limit} bytes (send fewer records)")
+            if len(body) > counted:
+                if not hold.grow(len(body) - counted):
+                    await _drain(request, limit)
+                    raise busy
+                counted = len(body)
+    except ClientDisconnect:
+        raise HTTPProblem(499, "client closed the connection while sending") from None
+    return _loads(body)
+
+
+# -- records -------------------------------------------------------------------------------
 
 
 def _parse(records: Any, max_records: int) -> list:
@@ -56,13 +256,88 @@ def _parse(records: Any, max_records: int) -> list:
         raise HTTPProblem(422, f"{len(records)} records in one request; the limit is {max_records}")
     dialogues, problems = [], []
     for i, record in enumerate(records):
+        problem = _record_problem(record)
+        if problem is not None:
+            problems.append(_detail(i, *problem))
+            continue
         try:
-            dialogues.append(parse_record(record))
+            # passthrough fields are never answered; dropping them frees their memory now
+            dialogues.append(dataclasses.replace(parse_record(record), passthrough={}))
         except RecordError as exc:
-            problems.append({"index": i, "field": exc.field, "error": exc.reason})
+            problems.append(_detail(i, exc.field, exc.reason))
     if problems:
         raise HTTPProblem(422, f"{len(problems)} invalid record(s); nothing was scored", problems)
     return dialogues
+
+
+def _record_problem(record: Any) -> tuple[Any, str] | None:
+    """(field, reason) for a record holding a value that cannot be used, else None."""
+    if not isinstance(record, dict):
+        problem = _problem(record)
+        return None if problem is None else (None, problem)
+    for key, value in record.items():
+        problem = _problem(key)
+        if problem is not None:
+            return key, f"field name: {problem}"
+        problem = _problem(value)
+        if problem is not None:
+            return key, problem
+    return None
+
+
+def _thresholds(value: Any) -> dict[str, float]:
+    def bad(reason: str) -> HTTPProblem:
+        return HTTPProblem(422, f"thresholds: {reason}", [{"index": None, "field": "thresholds", "error": reason}])
+
+    if isinstance(value, _Invalid):
+        raise bad(value.reason)
+    if not isinstance(value, dict):
+        raise bad(f'expected an object like {{"reception": 2.5}}, got {type(value).__name__}')
+    unknown = sorted(_safe(k) for k in value if k not in CHECKS)
+    if unknown:
+        raise bad(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            reason = number.reason if isinstance(number, _Invalid) else f"got {type(number).__name__}"
+            raise bad(f"{name} must be a finite number ({reason})")
+    return {k: float(v) for k, v in value.items()}
+
+
+# -- auth ----------------------------------------------------------------------------------
+
+
+class BearerAuth:
+    """ASGI middleware: `Authorization: Bearer <token>` on every path but `open_paths`."""
+
+    def __init__(self, app, token: str, open_paths: tuple[str, ...] = OPEN_PATHS) -> None:
+        if not token:
+            raise ValueError("the auth token is empty")
+        self.app, self._token, self.open_paths = app, token.encode("utf-8"), open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, key = value.strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self._token):
+                response = JSONResponse(
+                    {"error": "missing or wrong API key: send Authorization: Bearer <key>"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# -- the app -------------------------------------------------------------------------------
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (call once the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def create_app(
@@ -74,22 +349,64 @@ def create_app(
     queue_size: int = 64,
     max_body_bytes: int = 1_000_000,
     max_records: int = 256,
+    max_queue_records: int = 4096,
+    max_queue_chars: int = 16_000_000,
+    shutdown_timeout: float = 10.0,
+    auth_token: str | None = None,
+    docs: bool = False,
 ) -> FastAPI:
-    """The ASGI app. `thresholds`: the guardrail's defaults for /v1/check."""
+    """The ASGI app. `thresholds`: the guardrail's defaults for /v1/check.
+
+    `app.state.begin_shutdown()` starts the graceful shutdown (perm serve calls it on
+    SIGTERM): new requests get 503 and everything in progress is answered or refused
+    within `shutdown_timeout` seconds."""
+    if max_queue_records < max_records:
+        raise ValueError(f"max_queue_records ({max_queue_records}) must be at least max_records ({max_records})")
+    if max_queue_chars < max_body_bytes:
+        raise ValueError(f"max_queue_chars ({max_queue_chars}) must be at least the body limit ({max_body_bytes})")
+    if shutdown_timeout < 0:
+        raise ValueError("shutdown_timeout must be >= 0")
     scorer = scorer or Scorer()
     default_guard = Guardrail(thresholds, scorer) if thresholds else None
-    batcher = MicroBatcher(scorer.score_dialogues, max_batch, max_wait_ms, queue_size)
-    state = {"shutting_down": False}
+    batcher = MicroBatcher(
+        scorer.score_dialogues,
+        max_batch,
+        max_wait_ms,
+        queue_size,
+        max_queue_records=max_queue_records,
+        max_queue_chars=max_queue_chars,
+    )
+    budget = _Budget(max_queue_chars)
+    state: dict[str, Any] = {"shutting_down": False, "deadline": None}
+    timeouts: set = set()  # asyncio.timeout() of every request in progress
+
+    def begin_shutdown() -> None:
+        if state["shutting_down"]:
+            return
+        state["shutting_down"] = True
+        loop = asyncio.get_running_loop()
+        state["deadline"] = loop.time() + shutdown_timeout
+        batcher.begin_shutdown(time.perf_counter() + shutdown_timeout)
+        for timeout in timeouts:
+            timeout.reschedule(state["deadline"])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
         yield
-        state["shutting_down"] = True
-        await batcher.stop()  # every accepted request is answered before exit
+        begin_shutdown()
+        await batcher.stop(timeout=max(0.0, state["deadline"] - asyncio.get_running_loop().time()))
 
-    app = FastAPI(title="perm-lite", lifespan=lifespan)
+    app = FastAPI(
+        title="perm-lite",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
     app.state.batcher = batcher
+    app.state.begin_shutdown = begin_shutdown
+    if auth_token is not None:
+        app.add_middleware(BearerAuth, token=auth_token)
 
     @app.exception_handler(HTTPProblem)
     async def problem(_: Request, exc: HTTPProblem) -> JSONResponse:
@@ -98,45 +415,95 @@ def create_app(
             content["details"] = exc.details
         return JSONResponse(content, status_code=exc.status, headers=exc.headers)
 
-    async def run(dialogues: list) -> list:
-        if state["shutting_down"]:
-            raise HTTPProblem(503, "server is shutting down", headers={"Retry-After": "1"})
+    async def guarded(request: Request, handle) -> Any:
+        """Run a POST handler holding its body budget, bounded by the shutdown deadline."""
+        hold = _Hold(budget)
         try:
-            return await batcher.submit(dialogues)
+            async with asyncio.timeout_at(state["deadline"]) as timeout:  # no deadline until shutdown
+                timeouts.add(timeout)
+                if state["shutting_down"]:
+                    await _drain(request, max_body_bytes)  # so the client reads the 503, not a reset
+                    raise HTTPProblem(503, "server is shutting down", headers=RETRY)
+                return await handle(hold)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise HTTPProblem(503, "server is shutting down; the request was not scored", headers=RETRY) from None
+        finally:
+            timeouts.discard(timeout)
+            hold.release()
+
+    async def run(request: Request, dialogues: list) -> list:
+        if state["shutting_down"]:
+            raise HTTPProblem(503, "server is shutting down", headers=RETRY)
+        try:
+            future = batcher.submit_nowait(dialogues)
         except QueueFull as exc:
-            raise HTTPProblem(503, f"{exc}; retry later", headers={"Retry-After": "1"}) from None
+            raise HTTPProblem(503, f"{exc}; retry later", headers=RETRY) from None
+        except ShuttingDown as exc:
+            raise HTTPProblem(503, str(exc), headers=RETRY) from None
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((future, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not future.done() and gone.exception() is not None:  # no disconnect news from this server
+                await asyncio.wait((future,))
+        finally:
+            gone.cancel()
+            future.cancel()  # no-op once answered: drops the work of a client that left
+        if future.cancelled():
+            raise HTTPProblem(499, "client closed the connection before the request was scored")
+        exc = future.exception()
+        if exc is None:
+            return future.result()
+        if isinstance(exc, ShuttingDown):
+            raise HTTPProblem(503, str(exc), headers=RETRY)
+        if isinstance(exc, RecordsFailed):
+            details = [_detail(i, None, f"could not be scored: {reason}") for i, reason in exc.failures]
+            raise HTTPProblem(422, f"{len(details)} record(s) could not be scored; nothing was returned", details)
+        log.error("scoring failed", exc_info=exc)
+        raise HTTPProblem(500, f"scoring failed ({type(exc).__name__}); the request was not scored")
 
     @app.post("/v1/score")
     async def score(request: Request) -> dict:
-        body = await _read_json(request, max_body_bytes)
-        if not isinstance(body, dict) or "records" not in body:
-            raise HTTPProblem(422, 'body must be an object {"records": [...]}')
-        results = await run(_parse(body["records"], max_records))
-        return {
-            "model": scorer.config.name,
-            "version": scorer.config.version,
-            "results": [
-                {"id": r.id, "scores": r.scores, "combined": r.combined, "truncated": r.truncated} for r in results
-            ],
-        }
+        async def handle(hold: _Hold) -> dict:
+            body = await _read_json(request, max_body_bytes, hold)
+            if not isinstance(body, dict) or "records" not in body:
+                raise HTTPProblem(422, 'body must be an object {"records": [...]}')
+            dialogues = _parse(body["records"], max_records)
+            del body
+            results = await run(request, dialogues)
+            return {
+                "model": scorer.config.name,
+                "version": scorer.config.version,
+                "results": [
+                    {"id": r.id, "scores": r.scores, "combined": r.combined, "truncated": r.truncated} for r in results
+                ],
+            }
+
+        return await guarded(request, handle)
 
     @app.post("/v1/check")
     async def check(request: Request) -> dict:
         started = time.perf_counter()
-        body = await _read_json(request, max_body_bytes)
-        if not isinstance(body, dict) or "record" not in body:
-            raise HTTPProblem(422, 'body must be an object {"record": {...}, "thresholds": {...}}')
-        guard = default_guard
-        if body.get("thresholds") is not None:
-            try:
-                guard = Guardrail(body["thresholds"], scorer)
-            except (ValueError, TypeError) as exc:
-                raise HTTPProblem(422, f"thresholds: {exc}") from None
-        if guard is None:
-            raise HTTPProblem(422, "no thresholds: send 'thresholds' or start perm serve with --threshold")
-        (dialogue,) = _parse([body["record"]], 1)
-        (result,) = await run([dialogue])
-        return guard.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000).to_dict()
+
+        async def handle(hold: _Hold) -> dict:
+            body = await _read_json(request, max_body_bytes, hold)
+            if not isinstance(body, dict) or "record" not in body:
+                raise HTTPProblem(422, 'body must be an object {"record": {...}, "thresholds": {...}}')
+            guard = default_guard
+            if body.get("thresholds") is not None:
+                try:
+                    guard = Guardrail(_thresholds(body["thresholds"]), scorer)
+                except (ValueError, TypeError) as exc:
+                    raise HTTPProblem(422, f"thresholds: {_safe(exc)}") from None
+            if guard is None:
+                raise HTTPProblem(422, "no thresholds: send 'thresholds' or start perm serve with --threshold")
+            (dialogue,) = _parse([body["record"]], 1)
+            del body
+            (result,) = await run(request, [dialogue])
+            return guard.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000).to_dict()
+
+        return await guarded(request, handle)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -145,6 +512,7 @@ def create_app(
             "status": "shutting down" if status == 503 else "ok",
             "queue_depth": batcher.depth,
             "queue_size": batcher.queue_size,
+            "pending": {**batcher.pending, "body_bytes": budget.used},
             "batching": batcher.stats.to_dict(),
         }
         return JSONResponse(content, status_code=status)
@@ -160,7 +528,15 @@ def create_app(
             "max_length": c.max_length,
             "provider": scorer.provider,
             "variant": scorer.variant,
-            "limits": {"max_records": max_records, "max_body_bytes": max_body_bytes, "queue_size": queue_size},
+            "limits": {
+                "max_records": max_records,
+                "max_body_bytes": max_body_bytes,
+                "queue_size": queue_size,
+                "max_queue_records": max_queue_records,
+                "max_queue_chars": max_queue_chars,
+                "shutdown_timeout": shutdown_timeout,
+            },
+            "auth": auth_token is not None,
             "default_thresholds": dict(default_guard.thresholds) if default_guard else None,
         }
 
