@@ -109,30 +109,49 @@ def _deltas(full: Result, other: Result) -> dict[str, float]:
     return {check: round(_value(full, check) - _value(other, check), 6) for check in CHECKS}
 
 
-def explain_dialogue(scorer: Scorer, dialogue: Dialogue, *, context: bool = False) -> Explanation:
-    """Occlusion explanation of one dialogue: all variants scored in one call."""
-    spans = split_sentences(dialogue.response)
+@dataclass(frozen=True)
+class Occlusion:
+    """The variants of one dialogue to score (full first) and what each one left out."""
+
+    dialogue: Dialogue
+    variants: tuple[Dialogue, ...]
+    spans: tuple[tuple[int, int], ...]
+    context_parts: tuple[tuple[str, str], ...]
+
+
+def occlusion(dialogue: Dialogue, *, context: bool = False) -> Occlusion:
+    """The full dialogue, then one variant per reply sentence removed (and per context turn)."""
+    spans = tuple(split_sentences(dialogue.response))
     variants = [dialogue] + [replace(dialogue, response=_without(dialogue.response, s)) for s in spans]
     context_parts: list[tuple[str, str]] = []
     if context:
         for k, turn in enumerate(dialogue.history):
-            history = dialogue.history[:k] + dialogue.history[k + 1 :]
-            variants.append(replace(dialogue, history=history))
+            variants.append(replace(dialogue, history=dialogue.history[:k] + dialogue.history[k + 1 :]))
             context_parts.append((f"history:{k}", turn.text))
         if dialogue.query:
             variants.append(replace(dialogue, query=""))
             context_parts.append(("query", dialogue.query))
-    results = scorer.score_dialogues(variants)
-    full = results[0]
+    return Occlusion(dialogue, tuple(variants), spans, tuple(context_parts))
+
+
+def assemble(occ: Occlusion, results: list[Result]) -> Explanation:
+    """The explanation from the variants' results (in `occ.variants` order)."""
+    full, response = results[0], occ.dialogue.response
     sentences = tuple(
-        Contribution(i, dialogue.response[a:b], a, b, _deltas(full, results[1 + i])) for i, (a, b) in enumerate(spans)
+        Contribution(i, response[a:b], a, b, _deltas(full, results[1 + i])) for i, (a, b) in enumerate(occ.spans)
     )
-    offset = 1 + len(spans)
+    offset = 1 + len(occ.spans)
     turns = tuple(
         Contribution(k, text, 0, len(text), _deltas(full, results[offset + k]), part)
-        for k, (part, text) in enumerate(context_parts)
+        for k, (part, text) in enumerate(occ.context_parts)
     )
     return Explanation(full, sentences, turns)
+
+
+def explain_dialogue(scorer: Scorer, dialogue: Dialogue, *, context: bool = False) -> Explanation:
+    """Occlusion explanation of one dialogue: all variants scored in one call."""
+    occ = occlusion(dialogue, context=context)
+    return assemble(occ, scorer.score_dialogues(list(occ.variants)))
 
 
 def explain(scorer: Scorer, record: Mapping[str, Any] | Dialogue, *, context: bool = False) -> Explanation:

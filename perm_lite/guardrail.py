@@ -65,7 +65,7 @@ def _validate_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in thresholds.items()}
 
 
-def _culprit(explanation: Explanation, check: str) -> dict[str, Any] | None:
+def culprit(explanation: Explanation, check: str) -> dict[str, Any] | None:
     worst = explanation.most_harmful(check)
     if worst is None:
         return None
@@ -120,7 +120,7 @@ class Guardrail:
         (result,) = self.scorer.score_dialogues([dialogue])
         verdict = self.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000, attempt)
         if verdict.flagged:
-            verdict.culprit = _culprit(explain_dialogue(self.scorer, dialogue), verdict.failed[0])
+            verdict.culprit = culprit(explain_dialogue(self.scorer, dialogue), verdict.failed[0])
         return verdict
 
     def check(self, record: Mapping[str, Any]) -> Verdict:

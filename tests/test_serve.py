@@ -198,3 +198,26 @@ def test_shutdown_answers_every_accepted_request():
         return [j.done() and not j.exception() for j in jobs]
 
     assert all(asyncio.run(main()))
+
+
+def test_explain_endpoint_matches_the_library(client, scorer):
+    record = {"query": "My dog died today.", "response": "I am so sorry. That is really hard. How are you?"}
+    got = client.post("/v1/explain", json={"record": record, "context": True})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    want = scorer.explain(record, context=True).to_dict()
+    assert [s["text"] for s in body["sentences"]] == [s["text"] for s in want["sentences"]]
+    for a, b in zip(body["sentences"], want["sentences"]):
+        assert a["deltas"]["combined"] == pytest.approx(b["deltas"]["combined"], abs=1e-5)
+    assert [c["part"] for c in body["context"]] == ["query"]
+    assert client.post("/v1/explain", json={"record": record, "context": "yes"}).status_code == 422
+    long = {"query": "x", "response": " ".join(["I am sorry."] * 20)}  # 21 variants > max_records 8
+    assert client.post("/v1/explain", json={"record": long}).status_code == 413
+
+
+def test_check_names_the_culprit_when_flagged(client, scorer):
+    record = {"query": "My dog died today.", "response": "I am so sorry. That is really hard. How are you?"}
+    verdict = client.post("/v1/check", json={"record": record, "thresholds": {"combined": 99}}).json()
+    assert verdict["flagged"]
+    worst = scorer.explain(record).most_harmful("combined")
+    assert (verdict["culprit"] or {}).get("sentence") == (worst.text if worst else None)

@@ -41,7 +41,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from perm_lite.guardrail import CHECKS, Guardrail
+from perm_lite.explain import assemble, occlusion
+from perm_lite.guardrail import CHECKS, Guardrail, culprit
 from perm_lite.records import RecordError, parse_record
 from perm_lite.scales import PERSPECTIVES, SCALES
 from perm_lite.scorer import Scorer
@@ -501,7 +502,32 @@ def create_app(
             (dialogue,) = _parse([body["record"]], 1)
             del body
             (result,) = await run(request, [dialogue])
-            return guard.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000).to_dict()
+            verdict = guard.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000)
+            if verdict.flagged:  # name the sentence that hurt most: one more (queued) batch
+                occ = occlusion(dialogue)
+                verdict.culprit = culprit(assemble(occ, await run(request, list(occ.variants))), verdict.failed[0])
+            return verdict.to_dict()
+
+        return await guarded(request, handle)
+
+    @app.post("/v1/explain")
+    async def explain(request: Request) -> dict:
+        async def handle(hold: _Hold) -> dict:
+            body = await _read_json(request, max_body_bytes, hold)
+            if not isinstance(body, dict) or "record" not in body:
+                raise HTTPProblem(422, 'body must be an object {"record": {...}, "context": false}')
+            context = body.get("context", False)
+            if not isinstance(context, bool):
+                raise HTTPProblem(422, "context must be true or false")
+            (dialogue,) = _parse([body["record"]], 1)
+            del body
+            occ = occlusion(dialogue, context=context)
+            if len(occ.variants) > max_records:
+                raise HTTPProblem(
+                    413, f"the record has {len(occ.variants) - 1} sentences/turns; at most {max_records - 1}"
+                )
+            explanation = assemble(occ, await run(request, list(occ.variants)))
+            return {"model": scorer.config.name, "version": scorer.config.version, **explanation.to_dict()}
 
         return await guarded(request, handle)
 
