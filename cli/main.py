@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from perm_lite.errors import PermError
+from perm_lite.rubric import JUDGE_TEMPERATURE
 
 app = typer.Typer(
     name="perm",
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RECORD_ERRORS, EXIT_STOPPED = 0, 1, 2, 3, 4
+EXIT_FATAL, EXIT_USAGE, EXIT_RECORD_ERRORS, EXIT_STOPPED = 1, 2, 3, 4
 
 
 def _err(message: str) -> None:
@@ -556,10 +557,6 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable o
             typer.echo(f"{key}: {value}")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
 @app.command()
 def train(
     config: Annotated[str | None, typer.Argument(help="JSON training config (see models/*/train_config.json).")] = None,
@@ -847,7 +844,7 @@ def judge(
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     max_retries: Annotated[int, typer.Option(min=0, help="Retries on 429, 5xx, timeouts.")] = 5,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 60.0,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (PERM: 0.3).")] = 0.3,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (PERM: 0.3).")] = JUDGE_TEMPERATURE,
     cache: Annotated[str | None, typer.Option(help="Answer cache (SQLite); default OUTPUT.cache.sqlite.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print calls, tokens and estimated cost; send nothing.")] = False,
     price_input: Annotated[float, typer.Option(help="USD per 1M input tokens (default: gpt-4o-mini).")] = 0.15,

@@ -1,8 +1,9 @@
 """perm-lite: fast, local PERM empathy scores (resonation, expression, reception, bystander)."""
 
+from perm_lite.errors import ModelError, PermError, ProviderError
 from perm_lite.explain import Contribution, Explanation
 from perm_lite.guardrail import Guardrail, Verdict
-from perm_lite.records import RecordError
+from perm_lite.records import Dialogue, RecordError, Turn
 from perm_lite.scorer import Result, Scorer
 
 __version__ = "0.2.0"
@@ -11,6 +12,11 @@ __all__ = [
     "Result",
     "Explanation",
     "Contribution",
+    "Dialogue",
+    "Turn",
+    "PermError",
+    "ModelError",
+    "ProviderError",
     "RecordError",
     "Guardrail",
     "Verdict",

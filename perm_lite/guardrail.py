@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from perm_lite.errors import PermError
 from perm_lite.explain import CHECKS, Explanation, explain_dialogue
 from perm_lite.records import parse_record
 from perm_lite.scorer import Result, Scorer
@@ -48,7 +49,7 @@ class Verdict:
         return out
 
 
-class GuardrailFailed(Exception):
+class GuardrailFailed(PermError):
     """Raised by `on_fail="raise"`; carries the verdict."""
 
     def __init__(self, verdict: Verdict) -> None:

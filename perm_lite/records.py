@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from perm_lite.errors import PermError
+
 KNOWN_FIELDS = ("id", "response", "analysis", "persona", "scenario", "query", "messages", "completion")
 
 _HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]*(analysis|response)[ \t]*:?[ \t]*$", re.IGNORECASE | re.MULTILINE)
 
 
-class RecordError(ValueError):
+class RecordError(PermError, ValueError):
     """A record that cannot be scored: `location` (e.g. "line 12"), `field` and `reason`."""
 
     def __init__(self, reason: str, field: str | None = None, location: str | None = None) -> None:

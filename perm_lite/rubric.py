@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from perm_lite.records import Dialogue
 
-JUDGE_MODEL = "gpt-4o-mini"  # the original work's judge
-JUDGE_TEMPERATURE = 0.3
+JUDGE_TEMPERATURE = 0.3  # the original work's judge: gpt-4o-mini at this temperature
 
 _SYSTEM = (
     "You are an expert rater of emotional-support conversations, trained in counselling "

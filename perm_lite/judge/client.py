@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
+from perm_lite.errors import PermError
 from perm_lite.judge.cache import AnswerCache, request_key
+from perm_lite.rubric import JUDGE_TEMPERATURE
 
 log = logging.getLogger("perm_lite.judge")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -39,7 +41,7 @@ class JudgeConfig:
     concurrency: int = 8
     max_retries: int = 5
     timeout: float = 60.0
-    temperature: float = 0.3
+    temperature: float = JUDGE_TEMPERATURE
     backoff: float = 0.5  # first retry delay (s); doubles each time, with jitter
     max_tokens: int = 300
     allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
@@ -60,7 +62,7 @@ class CallStats:
     status_counts: dict[str, int] = field(default_factory=dict)
 
 
-class CallFailed(Exception):
+class CallFailed(PermError):
     """A request that still failed after every retry (the message never holds the key)."""
 
 
@@ -68,7 +70,7 @@ class AuthFailed(CallFailed):
     """The endpoint refused the credentials (401/403): the whole run stops."""
 
 
-class InsecureEndpoint(ValueError):
+class InsecureEndpoint(PermError, ValueError):
     """A base URL the key must not be sent to (plain http to another host, or not http at all)."""
 
 

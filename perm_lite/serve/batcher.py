@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from perm_lite.errors import PermError
 from perm_lite.records import Dialogue
 from perm_lite.scorer import Result
 
@@ -35,15 +36,15 @@ from perm_lite.scorer import Result
 INPUT_ERRORS = (ValueError, TypeError, RecursionError, OverflowError)
 
 
-class QueueFull(Exception):
+class QueueFull(PermError):
     """The queue is at capacity (requests, records or characters); retry later."""
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(PermError):
     """The server is stopping; the request was not (fully) scored."""
 
 
-class RecordsFailed(Exception):
+class RecordsFailed(PermError):
     """Some records of one request could not be scored: `failures` = [(index, reason)]."""
 
     def __init__(self, failures: list[tuple[int, str]]) -> None:
@@ -67,7 +68,6 @@ class _Job:
     chars: int
     results: list = field(default_factory=list)
     failures: list = field(default_factory=list)
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
