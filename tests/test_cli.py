@@ -151,7 +151,7 @@ def test_env_warns_when_both_onnxruntime_packages_are_installed(monkeypatch):
 
 def _perm(*args):
     code = "from perm_lite.cli.main import app; app()"
-    return [sys.executable, "-c", code, *args]
+    return [sys.executable, "-P", "-c", code, *args]  # -P: never the source tree over the installed package
 
 
 def test_kill_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):

@@ -211,7 +211,7 @@ def _limited(limit):
 
 
 def _perm(*args):
-    return [sys.executable, "-c", "from perm_lite.cli.main import app; app()", *map(str, args)]
+    return [sys.executable, "-P", "-c", "from perm_lite.cli.main import app; app()", *map(str, args)]
 
 
 def test_a_real_write_failure_is_one_line_exit_1(tmp_path, tiny_model_dir):

@@ -250,7 +250,7 @@ def test_readme_read_json_snippet_finishes_or_refuses_quickly(cluster, tmp_path)
     address = ray.get_runtime_context().gcs_address
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", DRIVER, address, json.dumps(variants)],
+            [sys.executable, "-P", "-c", DRIVER, address, json.dumps(variants)],
             capture_output=True,
             text=True,
             timeout=300,

@@ -449,7 +449,7 @@ def test_after_shutdown_begins_new_requests_get_503(scorer):
 
 
 def _perm(*args):
-    return [sys.executable, "-c", "from perm_lite.cli.main import app; app()", *args]
+    return [sys.executable, "-P", "-c", "from perm_lite.cli.main import app; app()", *args]
 
 
 def test_sigterm_on_perm_serve(tiny_model_dir):
