@@ -638,13 +638,18 @@ def eval_model(
     ] = None,
     max_length: Annotated[int, typer.Option(help="Token budget for --checkpoint models.")] = 384,
     no_model: Annotated[bool, typer.Option("--no-model", help="Evaluate only the --checkpoint models.")] = False,
+    chatbot_only: Annotated[
+        bool, typer.Option("--chatbot-only", help="Only mint, iEval and the contrastive set (not the older sources).")
+    ] = False,
 ) -> None:
     """Validity against baselines (length, TF-IDF ridge) in one run: held-out mint
     conversations, held-out iEval people, the contrastive check set and the older sources."""
     with _train_extra("perm eval"):
         from perm_lite.training.evaluate import run_evaluation, to_markdown
     checkpoints = parse_mapping(",".join(checkpoint or []), "--checkpoint") if checkpoint else {}
-    result = run_evaluation("" if no_model else model, data, split, checkpoints=checkpoints, max_length=max_length)
+    result = run_evaluation(
+        "" if no_model else model, data, split, checkpoints=checkpoints, max_length=max_length, chatbot_only=chatbot_only
+    )
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(to_markdown(result))

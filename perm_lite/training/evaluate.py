@@ -261,19 +261,23 @@ def run_evaluation(
     seed: int = 13,
     checkpoints: dict[str, str] | None = None,
     max_length: int = 384,
+    chatbot_only: bool = False,
 ) -> dict:
     """Evaluate a model directory (and any PyTorch checkpoints) beside the length and TF-IDF
     ridge baselines in one run: the older sources' test splits, held-out mint conversations,
     held-out iEval people and the contrastive check set."""
     from perm_lite.training.data import build_corpus
 
-    corpus = build_corpus(Path(data_dir), seed=seed)
     predictors: dict[str, Predictor] = {}
     if model:
         predictors["perm-lite"] = scorer_predictor(model)
     for name, folder in (checkpoints or {}).items():
         predictors[name] = checkpoint_predictor(folder, max_length)
     predictors["length"] = length_predictor
+    result = {"split": split, "model": model, "checkpoints": checkpoints or {}}
+    if chatbot_only:
+        return {**result, "chatbot": chatbot_evaluation(Path(data_dir), predictors, split)}
+    corpus = build_corpus(Path(data_dir), seed=seed)
     predictors["tfidf-ridge"] = fit_tfidf_ridge(corpus)
     first = next(iter(predictors))
     report = evaluate(corpus, predictors, split=split, seed=seed)
@@ -289,6 +293,8 @@ def run_evaluation(
 
 def to_markdown(result: dict) -> str:
     """Tables for the model card: primary verdicts, correlations, pairs, length bias."""
+    if "metrics" not in result:  # --chatbot-only
+        return chatbot_markdown(result["chatbot"])
     metrics = result["metrics"]
     names = list(metrics)
     lines = [
