@@ -648,7 +648,12 @@ def eval_model(
         from perm_lite.training.evaluate import run_evaluation, to_markdown
     checkpoints = parse_mapping(",".join(checkpoint or []), "--checkpoint") if checkpoint else {}
     result = run_evaluation(
-        "" if no_model else model, data, split, checkpoints=checkpoints, max_length=max_length, chatbot_only=chatbot_only
+        "" if no_model else model,
+        data,
+        split,
+        checkpoints=checkpoints,
+        max_length=max_length,
+        chatbot_only=chatbot_only,
     )
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
