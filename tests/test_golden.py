@@ -13,69 +13,63 @@ from perm_lite import Scorer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dialogues.jsonl"
 GOLDEN = {
-    "job-warm": {"resonation": 2.181, "expression": 1.827, "reception": 2.41, "bystander": 60.725, "combined": 0.2259},
+    "job-warm": {"resonation": 2.2, "expression": 1.898, "reception": 2.454, "bystander": 32.034, "combined": 0.0921},
     "job-generic": {
-        "resonation": 1.594,
-        "expression": 1.589,
-        "reception": 1.329,
-        "bystander": 13.196,
-        "combined": -0.1354,
+        "resonation": 1.34,
+        "expression": 1.588,
+        "reception": 1.495,
+        "bystander": 4.713,
+        "combined": -0.183,
     },
     "job-dismissive": {
-        "resonation": 1.774,
-        "expression": 1.632,
-        "reception": 1.972,
-        "bystander": 51.025,
-        "combined": 0.1115,
+        "resonation": 1.152,
+        "expression": 1.341,
+        "reception": 1.194,
+        "bystander": 0.0,
+        "combined": -0.2552,
     },
     "grief-chat": {
-        "resonation": 2.033,
-        "expression": 2.01,
-        "reception": 3.068,
-        "bystander": 73.396,
-        "combined": 0.3232,
+        "resonation": 2.818,
+        "expression": 2.301,
+        "reception": 2.661,
+        "bystander": 53.899,
+        "combined": 0.2844,
     },
     "exam-completion": {
-        "resonation": 2.374,
-        "expression": 1.943,
-        "reception": 3.078,
-        "bystander": 68.17,
-        "combined": 0.3167,
+        "resonation": 1.851,
+        "expression": 1.693,
+        "reception": 2.17,
+        "bystander": 12.155,
+        "combined": -0.0623,
     },
-    "lonely-padded": {
-        "resonation": 1.598,
-        "expression": 1.603,
-        "reception": 1.381,
-        "bystander": 0.0,
-        "combined": -0.196,
-    },
+    "lonely-padded": {"resonation": 1.0, "expression": 1.109, "reception": 1.0, "bystander": 0.0, "combined": -0.2932},
     "lonely-specific": {
-        "resonation": 2.384,
-        "expression": 1.749,
-        "reception": 3.097,
-        "bystander": 88.175,
-        "combined": 0.3975,
+        "resonation": 2.479,
+        "expression": 1.834,
+        "reception": 2.421,
+        "bystander": 61.304,
+        "combined": 0.2471,
     },
     "intrusive": {
-        "resonation": 1.605,
-        "expression": 1.607,
-        "reception": 1.706,
-        "bystander": 12.424,
-        "combined": -0.1103,
+        "resonation": 1.61,
+        "expression": 1.472,
+        "reception": 1.659,
+        "bystander": 26.577,
+        "combined": -0.0518,
     },
     "advice-clear": {
-        "resonation": 1.868,
-        "expression": 1.756,
-        "reception": 2.787,
-        "bystander": 43.06,
-        "combined": 0.1252,
+        "resonation": 1.959,
+        "expression": 1.924,
+        "reception": 2.512,
+        "bystander": 16.402,
+        "combined": 0.0021,
     },
     "no-context": {
-        "resonation": 1.604,
-        "expression": 1.61,
-        "reception": 1.802,
-        "bystander": 33.368,
-        "combined": 0.0003,
+        "resonation": 1.695,
+        "expression": 2.058,
+        "reception": 1.919,
+        "bystander": 42.788,
+        "combined": 0.0896,
     },
 }
 
@@ -88,7 +82,7 @@ def results():
 
 def test_default_model_identity():
     scorer = Scorer()
-    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "1.1.0", "int8")
+    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "2.0.0", "int8")
 
 
 @pytest.mark.parametrize("record_id", sorted(GOLDEN))

