@@ -6,7 +6,7 @@ from perm_lite.guardrail import Guardrail, Verdict
 from perm_lite.records import Dialogue, RecordError, Turn
 from perm_lite.scorer import Result, Scorer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "Scorer",
     "Result",
