@@ -194,7 +194,8 @@ def test_run_survives_a_killed_worker(cluster, tmp_path, tiny_model_dir):
             os.kill(killed, signal.SIGKILL)  # a scoring worker dies mid-run
     assert killed is not None
     assert sorted(seen) == list(range(1, n + 1))  # nothing lost, nothing twice
-    assert len(list(cluster.iterdir())) >= 3  # the dead actor was replaced by a new process
+    # Ray restarts the dead actor, but with a fast model the surviving one may finish the
+    # job first, so a replacement process is not asserted (asserting it made this flaky).
 
 
 # -- never hang: the README's snippet, and every impossible configuration ------------------
