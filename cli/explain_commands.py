@@ -29,6 +29,25 @@ def _scorer(model: str, provider: str = "cpu"):
         raise typer.Exit(EXIT_FATAL) from None
 
 
+def _check_paths(input: str, out_path: Path | None, overwrite: bool) -> None:
+    """Input must be a file (or -); OUTPUT must not be the input, nor exist without --overwrite."""
+    from perm_lite.batch import TargetError, check_target, input_identity
+
+    if input != "-" and not Path(input).is_file():
+        _err(f"input {input} does not exist or is not a file")
+        raise typer.Exit(EXIT_USAGE)
+    if out_path is None:
+        return
+    try:
+        check_target(out_path, "output", input_identity(input))
+    except TargetError as exc:
+        _err(str(exc))
+        raise typer.Exit(exc.code) from None
+    if out_path.exists() and not overwrite:
+        _err(f"{out_path} exists; pass --overwrite to replace it")
+        raise typer.Exit(EXIT_USAGE)
+
+
 def render_terminal(explanation, check: str = "combined") -> None:
     """One explained record on a terminal: each sentence coloured by its contribution."""
     from rich.console import Console
@@ -63,33 +82,14 @@ def explain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
 ) -> None:
     """Sentence-level explanations: how much each reply sentence moves every score (occlusion)."""
-    from perm_lite.batch import (
-        OutputWriteError,
-        TargetError,
-        check_target,
-        input_identity,
-        open_input,
-        printable,
-        read_records,
-    )
+    from perm_lite.batch import OutputWriteError, open_input, printable, read_records
     from perm_lite.explain import CHECKS
 
     if check not in CHECKS:
         _err(f"--check must be one of {', '.join(CHECKS)}, not {check!r}")
         raise typer.Exit(EXIT_USAGE)
     out_path = None if output == "-" else Path(output)
-    if input != "-" and not Path(input).is_file():
-        _err(f"input {input} does not exist or is not a file")
-        raise typer.Exit(EXIT_USAGE)
-    if out_path is not None:
-        try:
-            check_target(out_path, "output", input_identity(input))
-        except TargetError as exc:
-            _err(str(exc))
-            raise typer.Exit(exc.code) from None
-        if out_path.exists() and not overwrite:
-            _err(f"{out_path} exists; pass --overwrite to replace it")
-            raise typer.Exit(EXIT_USAGE)
+    _check_paths(input, out_path, overwrite)
     scorer = _scorer(model)
     explanations, errors = [], 0
     try:
@@ -138,21 +138,11 @@ def report(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
 ) -> None:
     """One self-contained HTML page about a scored file: distributions, groups, worst and best replies."""
-    from perm_lite.batch import TargetError, check_target, default_errors_path, input_identity
+    from perm_lite.batch import default_errors_path
     from perm_lite.html_report import write_report
 
     source, out_path = Path(scored), Path(output)
-    if not source.is_file():
-        _err(f"{scored} does not exist or is not a file")
-        raise typer.Exit(EXIT_USAGE)
-    try:
-        check_target(out_path, "output", input_identity(scored))
-    except TargetError as exc:
-        _err(str(exc))
-        raise typer.Exit(exc.code) from None
-    if out_path.exists() and not overwrite:
-        _err(f"{out_path} exists; pass --overwrite to replace it")
-        raise typer.Exit(EXIT_USAGE)
+    _check_paths(scored, out_path, overwrite)
     scorer = _scorer(model)
     errors_path = Path(errors) if errors else default_errors_path(scored)
     try:

@@ -10,14 +10,7 @@ import pytest
 from perm_lite.training import chatbot_data, chatbot_eval, counterfactual
 from perm_lite.training.data import HEAD, Corpus, family
 
-LABELS = (
-    "validating_emotions",
-    "encouraging_elaboration",
-    "demonstrating_understanding",
-    "advice_giving",
-    "self_oriented",
-    "dismissing_emotions",
-)
+LABELS = chatbot_data.MINT_QUESTIONS[:-1]  # the six questions, without the aggregate
 
 
 def _mint_row(conv, turn, variant, response, agg, understanding=3, validating=3, dismissing=1):

@@ -36,8 +36,8 @@ from itertools import combinations
 from pathlib import Path
 
 from perm_lite.records import Dialogue, Turn
+from perm_lite.scales import PERSPECTIVES
 
-HEADS = ("resonation", "expression", "reception", "bystander")
 MINT_QUESTIONS = (
     "validating_emotions",
     "encouraging_elaboration",
@@ -205,7 +205,7 @@ def add_ieval(corpus, folder: Path, weight: float = 0.3, min_gap: float = 1.0) -
         by_context[row["context"]].append((indices, row["ratings"]))
     for bots in by_context.values():
         for (ti, ri), (tj, rj) in combinations(bots, 2):
-            heads = {h: ri[h] - rj[h] for h in HEADS if abs(ri[h] - rj[h]) >= min_gap}
+            heads = {h: ri[h] - rj[h] for h in PERSPECTIVES if abs(ri[h] - rj[h]) >= min_gap}
             for head, gap in heads.items():
                 for a, b in zip(ti, tj):
                     better, worse = (a, b) if gap > 0 else (b, a)

@@ -229,6 +229,15 @@ def _cell(value: dict | float) -> str:
     return "-" if value != value or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def _pair_rows(report: dict, names: list[str], table: Callable[[dict], dict]) -> list[str]:
+    """One row per pair subset: n, then reception and combined accuracy for each model."""
+    rows = []
+    for subset, per in table(report[names[0]]).items():
+        cells = " | ".join(_cell(table(report[m])[subset][o]) for m in names for o in ("reception", "combined"))
+        rows.append(f"| {subset} | {per['combined']['n']} | {cells} |")
+    return rows
+
+
 def chatbot_markdown(report: dict) -> str:
     """Model-card tables: mint pairs, mint questions, iEval pairs, contrastive rates."""
     names = list(report)
@@ -236,11 +245,7 @@ def chatbot_markdown(report: dict) -> str:
     lines = ["### mint, held-out conversations (judge: aggregated empathy; pairs differing by >= 0.5)", ""]
     header = "| pairs | n | " + " | ".join(f"{m}: {o}" for m in names for o in ("reception", "combined")) + " |"
     lines += [header, "|---" * (2 + 2 * len(names)) + "|"]
-    for subset, per in first["mint"]["aggregated"].items():
-        cells = " | ".join(
-            _cell(report[m]["mint"]["aggregated"][subset][o]) for m in names for o in ("reception", "combined")
-        )
-        lines.append(f"| {subset} | {per['combined']['n']} | {cells} |")
+    lines += _pair_rows(report, names, lambda r: r["mint"]["aggregated"])
     lines += [
         "",
         "| judge question (oriented: higher = more empathic) | pair n | "
@@ -265,11 +270,7 @@ def chatbot_markdown(report: dict) -> str:
         lines.append(f"| {q} | {n} | " + " | ".join(pair_cells) + " | " + " | ".join(pearson_cells) + " |")
     lines += ["", "### iEval, held-out people (bot vs bot, same person and situation, person's own ratings)", ""]
     lines += [header.replace("| pairs |", "| label |"), "|---" * (2 + 2 * len(names)) + "|"]
-    for subset, per in first["ieval"]["pairs"].items():
-        cells = " | ".join(
-            _cell(report[m]["ieval"]["pairs"][subset][o]) for m in names for o in ("reception", "combined")
-        )
-        lines.append(f"| {subset} | {per['combined']['n']} | {cells} |")
+    lines += _pair_rows(report, names, lambda r: r["ieval"]["pairs"])
     lines += [
         "",
         f"### Contrastive check set ({first['contrastive']['n_contexts']} contexts, written for perm-lite)",
