@@ -1,4 +1,4 @@
-"""Exceptions raised by perm-lite."""
+"""Exceptions raised by perm-lite: every one is a `PermError`."""
 
 
 class PermError(Exception):
@@ -11,3 +11,7 @@ class ModelError(PermError):
 
 class ProviderError(PermError):
     """An execution provider that was asked for explicitly and cannot run."""
+
+
+class OptionError(PermError, ValueError):
+    """An argument with a value perm-lite cannot use (the message names it and the choices)."""
