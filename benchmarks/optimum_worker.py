@@ -27,7 +27,7 @@ def main() -> None:
     from optimum.onnxruntime import ORTModelForCustomTasks
     from transformers import BertConfig
 
-    from perm_lite.batch import open_input, read_records
+    from perm_lite.jsonl import open_input, read_records
     from perm_lite.scorer import Scorer
     from perm_lite.text import pad_batch
 

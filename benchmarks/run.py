@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from judge_cost import judge_cost  # noqa: E402
 
-from perm_lite.batch import open_input, read_records  # noqa: E402
+from perm_lite.jsonl import open_input, read_records  # noqa: E402
 from perm_lite.bench import Runner, build_backends, fixed_length_dialogues, measure  # noqa: E402
 from perm_lite.floor import floor_table, gemm_rate, model_shape, profile_ops  # noqa: E402
 from perm_lite.records import Dialogue  # noqa: E402

@@ -8,43 +8,38 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from perm_lite.cli.common import EXIT_FATAL, EXIT_RECORD_ERRORS, EXIT_USAGE, err
 
-from perm_lite.errors import PermError
-
-EXIT_USAGE, EXIT_FATAL, EXIT_RECORD_ERRORS = 2, 1, 3
-
-
-def _err(message: str) -> None:
-    typer.echo(message, err=True)
+from perm_lite.errors import OptionError, PermError
 
 
 def _scorer(model: str, provider: str = "cpu"):
-    from perm_lite.batch import printable
+    from perm_lite.jsonl import printable
     from perm_lite.scorer import Scorer
 
     try:
         return Scorer(model, provider=provider)
     except (PermError, ValueError, OSError) as exc:
-        _err(printable(str(exc)))
-        raise typer.Exit(EXIT_FATAL) from None
+        err(printable(str(exc)))
+        raise typer.Exit(EXIT_USAGE if isinstance(exc, OptionError) else EXIT_FATAL) from None
 
 
 def _check_paths(input: str, out_path: Path | None, overwrite: bool) -> None:
     """Input must be a file (or -); OUTPUT must not be the input, nor exist without --overwrite."""
-    from perm_lite.batch import TargetError, check_target, input_identity
+    from perm_lite.outputs import TargetError, check_target, input_identity
 
     if input != "-" and not Path(input).is_file():
-        _err(f"input {input} does not exist or is not a file")
+        err(f"input {input} does not exist or is not a file")
         raise typer.Exit(EXIT_USAGE)
     if out_path is None:
         return
     try:
         check_target(out_path, "output", input_identity(input))
     except TargetError as exc:
-        _err(str(exc))
+        err(str(exc))
         raise typer.Exit(exc.code) from None
     if out_path.exists() and not overwrite:
-        _err(f"{out_path} exists; pass --overwrite to replace it")
+        err(f"{out_path} exists; pass --overwrite to replace it")
         raise typer.Exit(EXIT_USAGE)
 
 
@@ -82,11 +77,12 @@ def explain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
 ) -> None:
     """Sentence-level explanations: how much each reply sentence moves every score (occlusion)."""
-    from perm_lite.batch import OutputWriteError, open_input, printable, read_records
     from perm_lite.explain import CHECKS
+    from perm_lite.jsonl import open_input, printable, read_records
+    from perm_lite.outputs import OutputWriteError
 
     if check not in CHECKS:
-        _err(f"--check must be one of {', '.join(CHECKS)}, not {check!r}")
+        err(f"--check must be one of {', '.join(CHECKS)}, not {check!r}")
         raise typer.Exit(EXIT_USAGE)
     out_path = None if output == "-" else Path(output)
     _check_paths(input, out_path, overwrite)
@@ -97,12 +93,12 @@ def explain(
             for parsed in read_records(source):
                 if parsed.error is not None:
                     errors += 1
-                    _err(printable(f"skipped {parsed.error}"))
+                    err(printable(f"skipped {parsed.error}"))
                     continue
                 explanation = scorer.explain(parsed.dialogue, context=context)
                 explanations.append((parsed, explanation))
     except OSError as exc:
-        _err(f"cannot read {input}: {exc.strerror or exc}")
+        err(f"cannot read {input}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_FATAL) from None
     if out_path is None and len(explanations) == 1 and sys.stdout.isatty():
         render_terminal(explanations[0][1], check)
@@ -119,10 +115,10 @@ def explain(
                 tmp.write_text("".join(lines), encoding="utf-8")
                 tmp.replace(out_path)
         except (OSError, OutputWriteError) as exc:
-            _err(f"cannot write {output}: {getattr(exc, 'strerror', None) or exc}")
+            err(f"cannot write {output}: {getattr(exc, 'strerror', None) or exc}")
             raise typer.Exit(EXIT_FATAL) from None
     if errors:
-        _err(f"{errors} records skipped")
+        err(f"{errors} records skipped")
         raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
@@ -138,8 +134,8 @@ def report(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
 ) -> None:
     """One self-contained HTML page about a scored file: distributions, groups, worst and best replies."""
-    from perm_lite.batch import default_errors_path
     from perm_lite.html_report import write_report
+    from perm_lite.outputs import default_errors_path
 
     source, out_path = Path(scored), Path(output)
     _check_paths(scored, out_path, overwrite)
@@ -148,8 +144,8 @@ def report(
     try:
         result = write_report(source, out_path, scorer, by=by, extremes=extremes, errors_path=errors_path)
     except OSError as exc:
-        _err(f"cannot write {output}: {exc.strerror or exc}")
+        err(f"cannot write {output}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_FATAL) from None
-    _err(f"report of {len(result.rows)} scored records written to {out_path}")
+    err(f"report of {len(result.rows)} scored records written to {out_path}")
     if result.unreadable:
-        _err(f"{len(result.unreadable)} lines were not scored records (first: line {result.unreadable[0]})")
+        err(f"{len(result.unreadable)} lines were not scored records (first: line {result.unreadable[0]})")

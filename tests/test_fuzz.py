@@ -18,7 +18,7 @@ import pytest
 from perm_lite.cli.main import app
 from typer.testing import CliRunner
 
-from perm_lite.batch import OUTPUT_FIELDS, error_line, error_record, read_records
+from perm_lite.jsonl import OUTPUT_FIELDS, error_line, error_record, read_records
 
 SEED = int(os.environ.get("PERM_FUZZ_SEED", "12"))
 runner = CliRunner()

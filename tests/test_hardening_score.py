@@ -19,7 +19,7 @@ import typer
 from perm_lite.cli.main import app
 from typer.testing import CliRunner
 
-from perm_lite import batch
+from perm_lite import batch, outputs
 
 runner = CliRunner()
 
@@ -188,7 +188,7 @@ class _FullDisk:
 
 
 def test_full_disk_is_one_line_exit_1_and_overwrite_keeps_the_old_file(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(batch.OutputFile, "_wrap", staticmethod(lambda fd: _FullDisk(os.fdopen(fd, "wb"), 0)))
+    monkeypatch.setattr(outputs.OutputFile, "_wrap", staticmethod(lambda fd: _FullDisk(os.fdopen(fd, "wb"), 0)))
     src = write_lines(tmp_path / "in.jsonl", GOOD)
     out = tmp_path / "out.jsonl"
     out.write_text("precious\n")
@@ -375,7 +375,7 @@ def test_ray_overwrite_of_a_project_directory_is_refused(tmp_path, tiny_model_di
 def test_ray_overwrite_replaces_only_an_earlier_perm_output(tmp_path, tiny_model_dir):
     import importlib.util
 
-    from perm_lite.cli.main import _check_ray_paths
+    from perm_lite.cli.score_commands import _check_ray_paths
 
     src = write_lines(tmp_path / "in.jsonl", GOOD)
     out = tmp_path / "out"

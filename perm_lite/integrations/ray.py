@@ -81,7 +81,7 @@ class _ActorScorer:
 
 
 def _failure(exc: Exception) -> RecordError:
-    from perm_lite.batch import printable
+    from perm_lite.jsonl import printable
 
     return RecordError(f"cannot read this record ({type(exc).__name__}: {printable(str(exc))[:300]})")
 
@@ -93,7 +93,8 @@ class ScoreRows(_ActorScorer):
     def __call__(self, batch):
         import pyarrow as pa
 
-        from perm_lite.batch import printable, score_isolated
+        from perm_lite.batch import score_isolated
+        from perm_lite.jsonl import printable
         from perm_lite.scorer import Result
 
         rows = batch.to_pylist()
@@ -139,7 +140,8 @@ class ScoreLines(_ActorScorer):
     def __call__(self, batch):
         import pyarrow as pa
 
-        from perm_lite.batch import error_line, error_record, output_line, parse_line, score_isolated
+        from perm_lite.batch import score_isolated
+        from perm_lite.jsonl import error_line, error_record, output_line, parse_line
         from perm_lite.scorer import Result
 
         paths, lines, raws = (batch.column(c).to_pylist() for c in ("path", "line", "raw"))

@@ -45,7 +45,7 @@ class RayRunError(PermError):
 
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed Ray job: Ray's own messages run to dozens of lines of traceback."""
-    from perm_lite.batch import printable
+    from perm_lite.jsonl import printable
 
     lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
     cause = next((x for x in reversed(lines) if not x.startswith(("File ", "^", "~"))), "") if lines else ""
@@ -145,7 +145,7 @@ def run(
 
 
 def _write_jsonl(ds, files: list[str], out: Path, on_error: str, summary: RaySummary) -> set[Path]:
-    from perm_lite.batch import OutputFile
+    from perm_lite.outputs import OutputFile
 
     targets = {path: OutputFile(out / Path(path).name, "replace") for path in files}
     errors = OutputFile(out / "_errors.jsonl", "replace", publish_empty=False)
@@ -183,7 +183,8 @@ def _write_jsonl(ds, files: list[str], out: Path, on_error: str, summary: RaySum
 
 
 def _write_parquet(ds, out: Path, summary: RaySummary) -> set[Path]:
-    from perm_lite.batch import OutputFile, error_line
+    from perm_lite.jsonl import error_line
+    from perm_lite.outputs import OutputFile
 
     staging = out / f".parquet.{secrets.token_hex(6)}.perm-tmp"
     errors = OutputFile(out / "_errors.jsonl", "replace", publish_empty=False)

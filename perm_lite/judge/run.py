@@ -7,22 +7,30 @@ and why a score is null). Bad input lines are reported like `perm score` reports
 A call that fails (after its retries, or with a reply that is not a chat completion) nulls
 that one label and is counted in `failed_calls`; the run goes on. A refused key (401/403)
 raises `AuthFailed` and ends the run: chunks already written stay written.
+
+`judge_file` is the shared chunked runner (`perm_lite.runner.run_chunks`) with the judge
+calls of a chunk as its step; `judge_path` adds `perm judge`'s run policy for files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
-from perm_lite.batch import ParsedLine, error_line, error_record, read_records
+from perm_lite.jsonl import ParsedLine, read_records
 from perm_lite.judge.client import AuthFailed, CallFailed, ChatClient, JudgeConfig
 from perm_lite.judge.parse import parse_answer
+from perm_lite.outputs import OutputPlan, TargetError, check_target, default_errors_path, input_identity, plan_outputs
 from perm_lite.records import RecordError
 from perm_lite.rubric import PERSPECTIVE_ORDER, judge_messages
+from perm_lite.runner import Outcome, Sink, Written, check_on_error, run_chunks
 
 LABEL_FIELDS = ("labels", "judge")
 # Typical answer lengths (tokens) of a compliant judge, for the dry run's estimate.
@@ -35,6 +43,7 @@ class JudgeSummary:
     errors: int = 0  # bad input lines
     failed_calls: int = 0  # judge calls that failed for good (their labels are null)
     stopped_early: bool = False  # --on-error stop ended the run at a bad line
+    interrupted: bool = False  # SIGTERM ended the run after a chunk
     null_labels: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PERSPECTIVE_ORDER, 0))
     seconds: float = 0.0
 
@@ -137,8 +146,8 @@ def _json_line(out: dict[str, Any]) -> str | None:
 def judge_file(
     config: JudgeConfig,
     source: IO[bytes],
-    sink: IO[str],
-    errors_sink: IO[str] | None,
+    sink: Sink,
+    errors_sink: Sink | None,
     *,
     cache=None,
     on_error: str = "skip",
@@ -146,18 +155,23 @@ def judge_file(
     progress: Callable[[int], None] | None = None,
     report_error: Callable[[RecordError], None] | None = None,
 ) -> tuple[JudgeSummary, ChatClient]:
-    """Judge every valid record of a JSONL stream; whole chunks are written in input order."""
+    """Judge every valid record of a JSONL stream; whole chunks are written in input order.
+
+    Bad lines go to `errors_sink` and `report_error`; `on_error="stop"` ends the run at the
+    first. SIGTERM ends it after the current chunk (`interrupted`); Ctrl-C and a refused key
+    (`AuthFailed`) end it at once, cancelling the calls in flight."""
+    check_on_error(on_error)
     summary = JudgeSummary()
     started = time.perf_counter()
 
-    async def main() -> ChatClient:
-        client = ChatClient(config, cache)
-        pending: list[ParsedLine] = []
+    async def open_client() -> ChatClient:
+        return ChatClient(config, cache)
 
-        async def flush() -> None:
-            if not pending:
-                return
-            tasks = [asyncio.ensure_future(_judge_record(client, p, config.model, summary)) for p in pending]
+    with asyncio.Runner() as loop:  # one event loop (and one HTTP client) for every chunk
+        client = loop.run(open_client())
+
+        async def judge_chunk(chunk: list[ParsedLine]) -> list[Outcome]:
+            tasks = [asyncio.ensure_future(_judge_record(client, p, config.model, summary)) for p in chunk]
             try:
                 outputs = await asyncio.gather(*tasks)
             except BaseException:  # a refused key (or an interrupt): stop the other calls now
@@ -165,46 +179,130 @@ def judge_file(
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
-            lines, bad = [], []
-            for parsed, out in zip(pending, outputs):
-                line = _json_line(out)
-                if line is None:
-                    bad.append({"line": parsed.line, "field": None, "error": NOT_JSON})
-                    continue
-                for perspective, label in out["labels"].items():
-                    if label is None:
-                        summary.null_labels[perspective] += 1
-                lines.append(line)
-            sink.write("".join(lines))
-            sink.flush()
-            summary.records += len(lines)
-            summary.errors += len(bad)
-            if errors_sink is not None and bad:
-                errors_sink.write("".join(json.dumps(b) + "\n" for b in bad))
-            if progress:
-                progress(len(pending))
-            pending.clear()
+            out: list[Outcome] = []
+            for output in outputs:
+                line = _json_line(output)
+                out.append(RecordError(NOT_JSON) if line is None else Written(line, output["labels"]))
+            return out
+
+        def written(parsed: ParsedLine, labels: dict[str, int | None]) -> None:
+            for perspective, label in labels.items():
+                if label is None:
+                    summary.null_labels[perspective] += 1
 
         try:
-            for parsed in read_records(source):
-                if parsed.error is not None:
-                    summary.errors += 1
-                    if errors_sink is not None:
-                        errors_sink.write(error_line(error_record(parsed)))
-                    if report_error:
-                        report_error(parsed.error)
-                    if on_error == "stop":
-                        summary.stopped_early = True
-                        break
-                    continue
-                pending.append(parsed)
-                if len(pending) >= chunk_size:
-                    await flush()
-            await flush()
+            stats = run_chunks(
+                source,
+                sink,
+                errors_sink,
+                lambda chunk: loop.run(judge_chunk(chunk)),
+                on_error=on_error,
+                chunk_size=chunk_size,
+                progress=progress,
+                report_error=report_error,
+                on_written=written,
+                on_interrupt="raise",  # a chunk in hand is not asked again (calls cost money)
+            )
         finally:
-            await client.aclose()
-        return client
-
-    client = asyncio.run(main())
+            loop.run(client.aclose())
+    summary.records, summary.errors = stats.written, stats.errors
+    summary.stopped_early, summary.interrupted = stats.stopped_early, stats.interrupted
     summary.seconds = time.perf_counter() - started
     return summary, client
+
+
+# -- the run policy for files -------------------------------------------------------------
+
+
+def judge_outputs(
+    input_path: str | os.PathLike, output_path: str | os.PathLike, cache_path: Path | None, overwrite: bool
+) -> OutputPlan:
+    """`perm judge`'s OUTPUT and OUTPUT.errors.jsonl, protected as `perm score` protects its
+    outputs: refused (`TargetError`) when one is the input (links included) or not a regular
+    file, or exists without `overwrite`; with `overwrite` written beside the target and
+    renamed over it only when the run finishes. The answer cache must not be any of those
+    files."""
+    input_path = os.fspath(input_path)
+    out_path = Path(output_path)
+    errors_path = default_errors_path(str(out_path))
+    source = input_identity(input_path)
+    out_st = check_target(out_path, "output", source)
+    errors_st = check_target(errors_path, "errors file", source)
+    if cache_path is not None and (cache_path.exists() or cache_path.is_symlink()):
+        check_target(cache_path, "answer cache", source)
+    if cache_path is not None and os.path.realpath(cache_path) in {
+        os.path.realpath(out_path),
+        os.path.realpath(errors_path),
+    }:
+        raise TargetError(f"the answer cache {cache_path} is an output of this run; give --cache another path")
+    if out_st is not None and out_st.st_size and not overwrite:
+        raise TargetError(
+            f"{out_path} exists: use --overwrite (answers already paid for come from the cache {cache_path})"
+        )
+    if errors_st is not None and errors_st.st_size and not overwrite:
+        raise TargetError(
+            f"{errors_path} exists (bad records of an earlier run): use --overwrite to replace it, or another -o"
+        )
+    return plan_outputs(input_path, out_path, errors_path, overwrite=True)  # refusals checked above
+
+
+def default_cache_path(output_path: str | os.PathLike) -> Path:
+    """OUTPUT.cache.sqlite: the answers of a run, so that a rerun pays only for what is missing."""
+    return Path(os.fspath(output_path) + ".cache.sqlite")
+
+
+def judge_path(
+    config: JudgeConfig,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    cache_path: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    overwrite: bool = False,
+    on_error: str = "skip",
+    chunk_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+    report_error: Callable[[RecordError], None] | None = None,
+) -> tuple[JudgeSummary, ChatClient]:
+    """Judge a JSONL file into OUTPUT (and OUTPUT.errors.jsonl) the way `perm judge` does.
+
+    The answer cache is `cache_path` (default OUTPUT.cache.sqlite; none with `use_cache=False`).
+    Refused before anything is sent or written: outputs as `judge_outputs` refuses them and
+    a cache that cannot be opened (`TargetError`). A finished run (bad lines or failed calls
+    included) replaces OUTPUT; an exception (`AuthFailed`, `OutputWriteError`, Ctrl-C) or
+    SIGTERM during an `overwrite` leaves the old files as they were."""
+    from perm_lite.judge.cache import AnswerCache
+
+    check_on_error(on_error)
+    cache_file = None
+    if use_cache:
+        cache_file = Path(cache_path) if cache_path is not None else default_cache_path(output_path)
+    plan = judge_outputs(input_path, output_path, cache_file, overwrite)
+    try:
+        answers = AnswerCache(cache_file) if cache_file is not None else None
+    except (sqlite3.Error, OSError) as exc:
+        raise TargetError(f"cannot use the answer cache {cache_file}: {exc}", 1) from None
+    clients: list[ChatClient] = []
+
+    def body(sink, errors_sink) -> JudgeSummary:
+        summary, client = judge_file(
+            config,
+            source,
+            sink,
+            errors_sink,
+            cache=answers,
+            on_error=on_error,
+            chunk_size=chunk_size,
+            progress=progress,
+            report_error=report_error,
+        )
+        clients.append(client)
+        return summary
+
+    try:
+        with open(input_path, "rb") as source:
+            summary = plan.run(body)
+    finally:
+        if answers is not None:
+            answers.close()
+    return summary, clients[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perm_lite.batch import read_records
+from perm_lite.jsonl import read_records
 from perm_lite.records import RecordError, parse_record
 from perm_lite.scales import PERSPECTIVES, SCALES
 from perm_lite.training.data import Corpus, Example, Pair, hash_split

@@ -1,0 +1,102 @@
+"""`perm info`, `perm env`, `perm fp32-variant` and `perm bench`: what a model is and how fast it runs here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from perm_lite.cli.common import err, fail, train_extra
+
+from perm_lite.errors import PermError
+
+
+def info(
+    model: Annotated[str, typer.Option(help="Catalogue name, model directory, or owner/repo@revision.")] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a model's card summary, files, hashes and the providers it can run on."""
+    from perm_lite.model_dir import read_config, resolve_model
+    from perm_lite.report import model_info
+
+    try:
+        config = read_config(resolve_model(model))
+    except PermError as exc:
+        raise fail(str(exc)) from None
+    data = model_info(config)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for k, v in value.items():
+                typer.echo(f"  {k}: {v}")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
+def env(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Versions, available providers, and conflicts between onnxruntime packages."""
+    from perm_lite.report import environment
+
+    data = environment()
+    for warning in data["warnings"]:
+        err(f"warning: {warning}")
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if key != "warnings":
+            typer.echo(f"{key}: {value}")
+
+
+def fp32_variant(
+    output: Annotated[str, typer.Option("-o", "--output", help="New model directory (int8 + fp32).")],
+    model: Annotated[str, typer.Option(help="Model whose int8 weights to rebuild from.")] = "default",
+) -> None:
+    """Add an fp32 ONNX variant (for CUDA) rebuilt from a model's int8 weights (needs the train extra)."""
+    with train_extra("perm fp32-variant"):
+        from perm_lite.training.dequantize import write_fp32_variant
+    try:
+        typer.echo(str(write_fp32_variant(model, Path(output))))
+    except PermError as exc:
+        raise fail(str(exc)) from None
+
+
+def bench(
+    input: Annotated[str | None, typer.Option(help="JSONL of real records for the length-mix rows.")] = None,
+    model: Annotated[str, typer.Option(help="Model to benchmark.")] = "default",
+    records: Annotated[int, typer.Option(min=8, help="Records per measurement.")] = 256,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,128",
+    lengths: Annotated[str, typer.Option(help="Fixed token lengths to add as rows.")] = "128,256",
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats (median reported).")] = 3,
+    torch_baselines: Annotated[bool, typer.Option("--torch/--no-torch", help="PyTorch rows (train extra).")] = True,
+    fp32_dir: Annotated[str | None, typer.Option(help="Model dir with an fp32 variant (perm fp32-variant).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Throughput and latency on this machine, as ratios against PyTorch fp32 in the same run."""
+    import itertools
+
+    from perm_lite.bench import build_backends, fixed_length_dialogues, measure, to_markdown
+    from perm_lite.jsonl import open_input, read_records
+
+    inputs = {}
+    if input:
+        with open_input(input) as fh:
+            dialogues = [p.dialogue for p in read_records(fh) if p.dialogue is not None]
+        if not dialogues:
+            raise fail(f"{input} holds no valid records")
+        inputs["mix"] = list(itertools.islice(itertools.cycle(dialogues), records))
+    for n in (int(x) for x in lengths.split(",") if x.strip()):
+        inputs[f"{n} tokens"] = fixed_length_dialogues(records, n)
+    sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    try:
+        backends, skipped = build_backends(model, torch_baselines, Path(fp32_dir) if fp32_dir else None)
+    except PermError as exc:
+        raise fail(str(exc)) from None
+    for reason in skipped:
+        err(f"skipped {reason}")
+    table = measure(backends, inputs, sizes, repeats)
+    typer.echo(json.dumps(table, indent=2) if as_json else to_markdown(table))
