@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,21 +66,14 @@ def scorer_runner(scorer: Scorer) -> Runner:
     """The public API end to end (validation, rendering, tokenization, length sorting,
     inference) over the whole input; per-batch latency is inference time plus an equal
     share of the tokenization and Python time."""
-    from perm_lite.scorer import run_sorted_batches
 
     def run(dialogues: Sequence[Dialogue], batch_size: int) -> list[float]:
-        scorer.batch_size = batch_size
         timed = _TimedSession(scorer.session)
-        original = scorer.raw_scores
-        scorer.raw_scores = lambda enc: run_sorted_batches(
-            timed, enc, scorer._special.pad, batch_size, scorer.max_batch_tokens
-        )
-        try:
-            t = time.perf_counter()
-            scorer.score_dialogues(list(dialogues))
-            total = time.perf_counter() - t
-        finally:
-            scorer.raw_scores = original
+        engine = replace(scorer.engine, session=timed)  # the scorer's engine, batches timed
+        t = time.perf_counter()
+        encodings = scorer.encode(dialogues)  # the steps of Scorer.score_dialogues
+        scorer.results(dialogues, encodings, engine.run(encodings, batch_size, scorer.max_batch_tokens))
+        total = time.perf_counter() - t
         share = (total - sum(timed.durations)) / max(1, len(timed.durations))
         return [d + share for d in timed.durations]
 
@@ -94,7 +87,7 @@ def torch_runner(model, scorer: Scorer, sort: bool) -> Runner:
     engine differs."""
     import torch
 
-    from perm_lite.scorer import sorted_batches
+    from perm_lite.inference import sorted_batches
 
     def forward(encodings) -> None:
         feed = pad_batch(encodings, 0)

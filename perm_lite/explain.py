@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from perm_lite.errors import OptionError
 from perm_lite.records import Dialogue
-from perm_lite.scales import PERSPECTIVES
 
 if TYPE_CHECKING:  # pragma: no cover
     from perm_lite.scorer import Result, Scorer
 
-CHECKS = (*PERSPECTIVES, "combined")
 EMPTY_REPLY = "..."  # what a one-sentence reply is scored as once its sentence is removed
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+|\n+")
 
@@ -72,10 +71,15 @@ class Explanation:
     sentences: tuple[Contribution, ...]
     context: tuple[Contribution, ...] = ()
 
+    @property
+    def checks(self) -> tuple[str, ...]:
+        """What contributions are measured on: the model's perspectives and "combined"."""
+        return _checks(self.result)
+
     def top(self, check: str = "combined", k: int = 3, helped: bool = True) -> list[Contribution]:
         """The k sentences that raised (`helped=True`) or lowered the `check` score most."""
-        if check not in CHECKS:
-            raise ValueError(f"unknown check {check!r}; choose from {', '.join(CHECKS)}")
+        if check not in self.checks:
+            raise OptionError(f"unknown check {check!r}; choose from {', '.join(self.checks)}")
         ranked = sorted(self.sentences, key=lambda c: c.deltas[check], reverse=helped)
         return [c for c in ranked if (c.deltas[check] > 0 if helped else c.deltas[check] < 0)][:k]
 
@@ -88,7 +92,7 @@ class Explanation:
         """Per check, the k sentences that moved it most (either way), largest first:
         `[{"sentence", "delta"}]` (the `explain` field of `perm score --explain`)."""
         out = {}
-        for check in CHECKS:
+        for check in self.checks:
             ranked = sorted(self.sentences, key=lambda c: abs(c.deltas[check]), reverse=True)[:k]
             out[check] = [{"sentence": c.text, "delta": c.deltas[check]} for c in ranked if c.deltas[check] != 0]
         return out
@@ -101,12 +105,16 @@ class Explanation:
         }
 
 
+def _checks(result: Result) -> tuple[str, ...]:
+    return (*result.scores, "combined")
+
+
 def _value(result: Result, check: str) -> float:
     return result.combined if check == "combined" else result.scores[check]
 
 
 def _deltas(full: Result, other: Result) -> dict[str, float]:
-    return {check: round(_value(full, check) - _value(other, check), 6) for check in CHECKS}
+    return {check: round(_value(full, check) - _value(other, check), 6) for check in _checks(full)}
 
 
 @dataclass(frozen=True)

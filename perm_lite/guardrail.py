@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from perm_lite.errors import PermError
-from perm_lite.explain import CHECKS, Explanation, explain_dialogue
+from perm_lite.errors import OptionError, PermError
+from perm_lite.explain import Explanation, explain_dialogue
 from perm_lite.records import parse_record
 from perm_lite.scorer import Result, Scorer
 
@@ -57,13 +57,19 @@ class GuardrailFailed(PermError):
         self.verdict = verdict
 
 
-def _validate_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+def validate_thresholds(thresholds: Mapping[str, float], checks: Sequence[str]) -> dict[str, float]:
+    """Thresholds as floats; each names one of `checks` (a model's heads and "combined")."""
     if not thresholds:
-        raise ValueError("give at least one threshold, e.g. {'reception': 2.5} or {'combined': 0.3}")
-    unknown = sorted(set(thresholds) - set(CHECKS))
+        raise OptionError("give at least one threshold, e.g. {'reception': 2.5} or {'combined': 0.3}")
+    unknown = sorted(map(str, set(thresholds) - set(checks)))
     if unknown:
-        raise ValueError(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
-    return {k: float(v) for k, v in thresholds.items()}
+        raise OptionError(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(checks)}")
+    out = {}
+    for name, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise OptionError(f"threshold {name} must be a number, not {value!r}")
+        out[name] = float(value)
+    return out
 
 
 def culprit(explanation: Explanation, check: str) -> dict[str, Any] | None:
@@ -100,13 +106,13 @@ class Guardrail:
         max_attempts: int = 3,
     ) -> None:
         if on_fail not in ON_FAIL:
-            raise ValueError(f"unknown on_fail {on_fail!r}; choose one of {', '.join(ON_FAIL)}")
+            raise OptionError(f"unknown on_fail {on_fail!r}; choose one of {', '.join(ON_FAIL)}")
         if on_fail == "regenerate" and regenerate is None:
-            raise ValueError("on_fail='regenerate' needs regenerate=callable(record, verdict) -> new reply")
+            raise OptionError("on_fail='regenerate' needs regenerate=callable(record, verdict) -> new reply")
         if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        self.thresholds = _validate_thresholds(thresholds)
+            raise OptionError("max_attempts must be at least 1")
         self.scorer = scorer or Scorer()
+        self.thresholds = validate_thresholds(thresholds, self.scorer.heads.checks)
         self.on_fail, self.regenerate, self.max_attempts = on_fail, regenerate, max_attempts
 
     def verdict(self, result: Result, response: str, latency_ms: float, attempt: int = 1) -> Verdict:
@@ -174,34 +180,34 @@ def pick_threshold(
     Each record is a perm-lite input with a boolean `label` field (True = fine to send).
     Flagging means score < threshold. With `target_recall`, the lowest threshold that
     flags at least that share of bad replies; with `target_precision`, the highest
-    threshold whose flags are at least that precise. Raises ValueError when no threshold
+    threshold whose flags are at least that precise. Raises OptionError (a ValueError) when no threshold
     reaches the target.
     """
-    if check not in CHECKS:
-        raise ValueError(f"unknown check {check!r}; choose from {', '.join(CHECKS)}")
+    scorer = scorer or Scorer()
+    if check not in scorer.heads.checks:
+        raise OptionError(f"unknown check {check!r}; choose from {', '.join(scorer.heads.checks)}")
     if (target_precision is None) == (target_recall is None):
-        raise ValueError("give exactly one of target_precision or target_recall")
+        raise OptionError("give exactly one of target_precision or target_recall")
     rows = list(records)
     labels = []
     for i, record in enumerate(rows):
         value = record.get(label)
         if not isinstance(value, bool):
-            raise ValueError(f"record {i + 1}: field {label!r} must be true or false, got {value!r}")
+            raise OptionError(f"record {i + 1}: field {label!r} must be true or false, got {value!r}")
         labels.append(value)
     if all(labels) or not any(labels):
-        raise ValueError(f"the labelled file needs both acceptable and unacceptable replies (field {label!r})")
-    scorer = scorer or Scorer()
+        raise OptionError(f"the labelled file needs both acceptable and unacceptable replies (field {label!r})")
     results = scorer.score([{k: v for k, v in r.items() if k != label} for r in rows])
     values = [r.combined if check == "combined" else r.scores[check] for r in results]
     choices = _sweep(values, labels, check)
     if target_recall is not None:
         ok = [c for c in choices if c.recall >= target_recall]
         if not ok:
-            raise ValueError(f"no threshold on {check} reaches recall {target_recall}")
+            raise OptionError(f"no threshold on {check} reaches recall {target_recall}")
         return min(ok, key=lambda c: c.threshold)
     ok = [c for c in choices if c.flagged and c.precision >= target_precision]
     if not ok:
-        raise ValueError(f"no threshold on {check} reaches precision {target_precision}")
+        raise OptionError(f"no threshold on {check} reaches precision {target_precision}")
     return max(ok, key=lambda c: c.threshold)
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perm_lite.explain import CHECKS
 from perm_lite.scales import SCALES
 
 COLOURS = ("#3b6ea8", "#d9822b", "#3a9a5b", "#b5473a", "#7a5aa6", "#8c6d3f")
@@ -67,13 +66,28 @@ def value(row: dict[str, Any], check: str) -> float | None:
     return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
 
-def _range(check: str) -> tuple[float, float]:
-    return COMBINED_RANGE if check == "combined" else SCALES.get(check, (0.0, 1.0))
+def _range(check: str, scales: dict[str, tuple[float, float]] | None = None) -> tuple[float, float]:
+    if check == "combined":
+        return COMBINED_RANGE
+    return (scales or SCALES).get(check, (0.0, 1.0))
 
 
-def histogram_svg(groups: dict[str, Sequence[float]], check: str, bins: int = 20, width: int = 420) -> str:
-    """Overlaid histograms (share of each group's records per bin) as an inline SVG."""
-    low, high = _range(check)
+def _checks(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The perspectives the rows were scored on (in their order) and "combined"."""
+    names = dict.fromkeys(k for row in rows for k in row["scores"])
+    return (*names, "combined")
+
+
+def histogram_svg(
+    groups: dict[str, Sequence[float]],
+    check: str,
+    bins: int = 20,
+    width: int = 420,
+    scales: dict[str, tuple[float, float]] | None = None,
+) -> str:
+    """Overlaid histograms (share of each group's records per bin) as an inline SVG; the
+    axis spans the check's scale (`scales`, else PERM's) widened to the values."""
+    low, high = _range(check, scales)
     for values in groups.values():
         if values:
             low, high = min(low, min(values)), max(high, max(values))
@@ -179,6 +193,7 @@ def render_report(
     errors: int = 0,
     card: Path | None = None,
     title: str = "perm-lite report",
+    scales: dict[str, tuple[float, float]] | None = None,
 ) -> str:
     """The whole HTML page as a string (self-contained)."""
     rows = scored.rows
@@ -213,12 +228,11 @@ def render_report(
         )
         out.append(f"<p class='legend'>By <code>{html.escape(by)}</code>:{legend}</p>")
     out.append("<div class='grid'>")
-    for check in CHECKS:
+    for check in _checks(rows):
         values = {name: [v for i in idx if (v := value(rows[i], check)) is not None] for name, idx in groups.items()}
         stats = "<br>".join(f"{html.escape(name)}: {_stats(v)}" for name, v in values.items())
-        out.append(
-            f"<div class='card'><h3>{check}</h3>{histogram_svg(values, check)}<p><small>{stats}</small></p></div>"
-        )
+        chart = histogram_svg(values, check, scales=scales)
+        out.append(f"<div class='card'><h3>{html.escape(check)}</h3>{chart}<p><small>{stats}</small></p></div>")
     out.append("</div>")
     ordered = _by_combined(rows)
     for label, picked in (
@@ -294,6 +308,7 @@ def write_report(
         errors=count_lines(errors_path),
         card=scorer.config.path / "README.md",
         title=f"perm-lite report: {scored_path.name}",
+        scales=scorer.heads.scales,
     )
     out_path.write_text(page, encoding="utf-8")
     return scored

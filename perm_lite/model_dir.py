@@ -13,13 +13,13 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from perm_lite.errors import ModelError
-from perm_lite.scales import PERSPECTIVES, SCALES
+from perm_lite.scales import BYSTANDER, EMPATHY, PERSPECTIVES, SCALES, Heads
 from perm_lite.text import TEMPLATE_VERSION
 
 CONFIG_NAME = "config.json"
 FORMAT = "perm-lite-model/1"
 DEFAULT_MODEL = "perm-lite-minilm"
-GENERATED_FIELDS = ("files", "format", "template", "perspectives", "scales")
+GENERATED_FIELDS = ("files", "format", "template")
 VARIANTS = ("int8", "fp32", "fp16")  # the ONNX variants a model directory may hold
 MAX_LENGTH_RANGE = (16, 512)  # tokens per record; the MiniLM encoder has 512 positions
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -28,22 +28,17 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    """A model perm-lite knows by name: packaged with the library or pinned on the Hub."""
+    """A model perm-lite knows by name: packaged with the library or pinned on the Hub
+    (what it is and its licence: the model's config.json and card)."""
 
     name: str
-    description: str
-    licence: str
     packaged: bool = True
     repo_id: str | None = None
     revision: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
-    DEFAULT_MODEL: CatalogueEntry(
-        name=DEFAULT_MODEL,
-        description="all-MiniLM-L6-v2 cross-encoder, 4 PERM heads, static int8 (the embedded default)",
-        licence="non-commercial research use (inherits EPITOME and ESConv terms)",
-    ),
+    DEFAULT_MODEL: CatalogueEntry(name=DEFAULT_MODEL),
 }
 ALIASES = {"default": DEFAULT_MODEL}
 
@@ -77,6 +72,7 @@ class ModelConfig:
     version: str
     perspectives: tuple[str, ...]
     scales: dict[str, tuple[float, float]]
+    heads: Heads  # perspectives, scales and their roles in the reward
     max_length: int
     template: str
     tokenizer: str
@@ -148,13 +144,15 @@ def _check_perspectives(data: dict, cfg_path: Path) -> tuple[str, ...]:
         raise ModelError(f"{cfg_path}: 'perspectives' must be a non-empty list of names")
     if len(set(value)) != len(value):
         raise ModelError(f"{cfg_path}: 'perspectives' lists a name twice ({value})")
-    if tuple(value) != PERSPECTIVES:
-        raise ModelError(f"{cfg_path}: perspectives {value} differ from {list(PERSPECTIVES)}")
+    if "combined" in value:
+        raise ModelError(f"{cfg_path}: 'combined' is the reward's name; a perspective must be called otherwise")
     return tuple(value)
 
 
 def _check_scales(data: dict, perspectives: tuple[str, ...], cfg_path: Path) -> dict[str, tuple[float, float]]:
-    value = data.get("scales", {k: list(v) for k, v in SCALES.items()})
+    if "scales" not in data and not set(perspectives) <= set(SCALES):
+        raise ModelError(f"{cfg_path}: 'scales' is required for perspectives other than PERM's ({list(SCALES)})")
+    value = data["scales"] if "scales" in data else {k: list(SCALES[k]) for k in perspectives}
     if not isinstance(value, dict):
         raise ModelError(f"{cfg_path}: 'scales' must map each perspective to [low, high]")
     unknown = sorted(set(value) - set(perspectives))
@@ -170,6 +168,29 @@ def _check_scales(data: dict, perspectives: tuple[str, ...], cfg_path: Path) -> 
             raise ModelError(f"{cfg_path}: scale of {name} must be [low, high], two finite numbers with low < high")
         scales[name] = (float(pair[0]), float(pair[1]))
     return scales
+
+
+def _check_heads(data: dict, scales: dict[str, tuple[float, float]], cfg_path: Path) -> Heads:
+    """The heads' roles in the reward: `reward.empathy` (combined as s/high) and
+    `reward.bystander` (the bystander term), by default PERM's names among the perspectives."""
+    value = data.get("reward", {})
+    if not isinstance(value, dict) or set(value) - {"empathy", "bystander"}:
+        raise ModelError(f"{cfg_path}: 'reward' must be an object with 'empathy' (a list) and 'bystander' (a name)")
+    default_empathy = [p for p in EMPATHY if p in scales]
+    empathy = value.get("empathy", default_empathy)
+    bystander = value.get("bystander", BYSTANDER if BYSTANDER in scales else None)
+    if not isinstance(empathy, list) or not empathy or not all(isinstance(p, str) for p in empathy):
+        raise ModelError(f"{cfg_path}: 'reward.empathy' must list the perspectives the empathy reward combines")
+    for name in empathy:
+        if name not in scales:
+            raise ModelError(f"{cfg_path}: reward.empathy names {name!r}, which is not a perspective of this model")
+        if scales[name][0] <= 0:
+            raise ModelError(f"{cfg_path}: reward.empathy head {name!r} needs a scale above 0 (it is divided by)")
+    if len(set(empathy)) != len(empathy):
+        raise ModelError(f"{cfg_path}: 'reward.empathy' lists a name twice")
+    if bystander is not None and (bystander not in scales or bystander in empathy):
+        raise ModelError(f"{cfg_path}: reward.bystander {bystander!r} must be a perspective not in reward.empathy")
+    return Heads.from_scales(scales, tuple(empathy), bystander)
 
 
 def _check_calibration(data: dict, perspectives: tuple[str, ...], cfg_path: Path) -> dict[str, Calibration]:
@@ -248,6 +269,7 @@ def read_config(model_dir: Path, verify: bool = True) -> ModelConfig:
         if file_name not in files:
             raise ModelError(f"{cfg_path}: no sha256 recorded for {file_name}")
     scales = _check_scales(data, perspectives, cfg_path)
+    heads = _check_heads(data, scales, cfg_path)
     calibration = _check_calibration(data, perspectives, cfg_path)
     if verify:
         for file_name, expected in files.items():
@@ -269,6 +291,7 @@ def read_config(model_dir: Path, verify: bool = True) -> ModelConfig:
         version=version,
         perspectives=perspectives,
         scales=scales,
+        heads=heads,
         max_length=max_length,
         template=template,
         tokenizer=tokenizer,
@@ -297,19 +320,45 @@ def load_model_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model_session(config: ModelConfig, variant: str, provider: str = "auto", threads: int | None = None):
-    """An onnxruntime session for one variant; a file onnxruntime cannot load is a `ModelError`
-    (a provider that cannot run stays a `ProviderError`)."""
-    from perm_lite.errors import ProviderError
+@dataclass(frozen=True)
+class LoadedSession:
+    """An onnxruntime session on a model file, the provider it runs on and the variant."""
+
+    session: Any
+    provider: Any  # perm_lite.providers.Provider
+    variant: str
+
+
+def load_model_session(
+    config: ModelConfig,
+    variant: str = "auto",
+    provider: str = "auto",
+    threads: int | None = None,
+    ort_providers: Any = None,
+) -> LoadedSession:
+    """Open the model on a provider (see `session.create_session`). `variant="auto"`
+    takes the one the provider prefers (the provider table). A file onnxruntime cannot
+    load, or a graph that is not a perm-lite model, is a `ModelError`; a provider that
+    cannot run stays a `ProviderError`."""
+    from perm_lite.errors import OptionError, ProviderError
     from perm_lite.session import create_session
 
-    path = config.variant_path(variant)
+    if variant != "auto" and variant not in config.variants:
+        raise ModelError(f"{config.name} has no variant {variant!r} (it has {', '.join(config.variants)})")
+    chosen: list[str] = []
+
+    def path_for(candidate) -> Path:
+        chosen.append(candidate.pick_variant(config.variants) if variant == "auto" else variant)
+        return config.variant_path(chosen[-1])
+
     try:
-        session = create_session(path, provider, threads)
-    except ProviderError:
+        session, used = create_session(path_for, provider, threads, ort_providers)
+    except (ProviderError, OptionError):
         raise
     except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph... derive from Exception
+        path = config.variant_path(chosen[-1]) if chosen else config.path
         raise ModelError(f"{path}: onnxruntime cannot load this model file ({_first_line(exc)})") from None
+    path = config.variant_path(chosen[-1])
     inputs = {i.name for i in session.get_inputs()}
     outputs = session.get_outputs()
     width = outputs[0].shape[-1] if outputs and outputs[0].shape else None
@@ -320,9 +369,10 @@ def load_model_session(config: ModelConfig, variant: str, provider: str = "auto"
     ):
         raise ModelError(
             f"{path}: not a perm-lite model graph (inputs {sorted(inputs)}, expected {list(MODEL_INPUTS)} "
-            f"and one output of {len(config.perspectives)} scores)"
+            f"and one output of {len(config.perspectives)} scores, one per perspective in {CONFIG_NAME}; "
+            f"the graph gives {width})"
         )
-    return session
+    return LoadedSession(session, used, chosen[-1])
 
 
 def write_config(model_dir: Path, config: dict[str, Any]) -> Path:
@@ -332,7 +382,7 @@ def write_config(model_dir: Path, config: dict[str, Any]) -> Path:
     config = {
         "format": FORMAT,
         "template": TEMPLATE_VERSION,
-        "perspectives": list(PERSPECTIVES),
+        "perspectives": list(PERSPECTIVES),  # PERM's heads unless the config names others
         "scales": {k: list(v) for k, v in SCALES.items()},
         **config,
         "files": {name: sha256_file(model_dir / name) for name in names},

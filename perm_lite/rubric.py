@@ -8,6 +8,7 @@ form. The benchmarks count these prompts' tokens; `perm judge` sends them.
 
 from __future__ import annotations
 
+from perm_lite.errors import OptionError
 from perm_lite.records import Dialogue
 
 JUDGE_TEMPERATURE = 0.3  # the original work's judge: gpt-4o-mini at this temperature
@@ -81,7 +82,7 @@ def _conversation(dialogue: Dialogue) -> str:
 def judge_messages(dialogue: Dialogue, perspective: str) -> list[dict[str, str]]:
     """The chat messages of one perspective's judge call for one record."""
     if perspective not in _RUBRICS:
-        raise ValueError(f"unknown perspective {perspective!r}; choose one of {', '.join(_RUBRICS)}")
+        raise OptionError(f"unknown perspective {perspective!r}; choose one of {', '.join(_RUBRICS)}")
     rubric, score_line = _RUBRICS[perspective]
     if perspective == "resonation":
         judged = f"Supporter's analysis of the seeker:\n{dialogue.analysis or dialogue.response}"

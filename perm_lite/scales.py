@@ -1,10 +1,11 @@
-"""The PERM scales and score maths: perspectives, ranges and combination of scores."""
+"""A model's heads: their names, scales and roles in the reward (PERM's four by default)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+# PERM's perspectives and scales: the heads of a model whose config does not say otherwise.
 PERSPECTIVES = ("resonation", "expression", "reception", "bystander")
 SCALES: dict[str, tuple[float, float]] = {
     "resonation": (1.0, 5.0),
@@ -13,40 +14,45 @@ SCALES: dict[str, tuple[float, float]] = {
     "bystander": (0.0, 100.0),
 }
 EMPATHY = ("resonation", "expression", "reception")
-COMBINE_MODES = ("harmonic", "mean", "geometric")
+BYSTANDER = "bystander"
 
 
-def empathy_reward(
-    scores: Mapping[str, float], mode: str = "harmonic", weights: Mapping[str, float] | None = None
-) -> float:
-    """Combine resonation, expression and reception (1-5) as in PERM's recipe.
+@dataclass(frozen=True)
+class Heads:
+    """What a model's outputs are, in output order, and how the reward uses them.
 
-    Each score is normalised as s/5; `mode` is `harmonic`, `mean` (optionally weighted)
-    or `geometric`. Weights apply to every mode (weighted harmonic/geometric means).
+    `empathy`: the heads combined into the empathy reward (each normalised as s/high);
+    `bystander`: the head of the bystander term, or None. Read from the model's
+    `config.json` (`perspectives`, `scales`, `reward`), so a model with other heads needs
+    no code change.
     """
-    if mode not in COMBINE_MODES:
-        raise ValueError(f"unknown combine mode {mode!r}; choose one of {', '.join(COMBINE_MODES)}")
-    w = (
-        {name: 1.0 for name in EMPATHY}
-        if weights is None
-        else {name: float(weights.get(name, 0.0)) for name in EMPATHY}
-    )
-    if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
-        raise ValueError("weights must be non-negative and not all zero")
-    total = sum(w.values())
-    normalised = {name: scores[name] / 5.0 for name in EMPATHY}
-    if mode == "mean":
-        return sum(w[n] * normalised[n] for n in EMPATHY) / total
-    if mode == "harmonic":
-        return total / sum(w[n] / normalised[n] for n in EMPATHY if w[n] > 0)
-    return math.exp(sum(w[n] * math.log(normalised[n]) for n in EMPATHY) / total)
+
+    names: tuple[str, ...]
+    ranges: tuple[tuple[float, float], ...]  # (low, high) per name, same order
+    empathy: tuple[str, ...]
+    bystander: str | None
+
+    @classmethod
+    def from_scales(
+        cls, scales: Mapping[str, tuple[float, float]], empathy: tuple[str, ...], bystander: str | None
+    ) -> Heads:
+        return cls(tuple(scales), tuple(tuple(map(float, v)) for v in scales.values()), empathy, bystander)
+
+    @property
+    def scales(self) -> dict[str, tuple[float, float]]:
+        return dict(zip(self.names, self.ranges))
+
+    @property
+    def checks(self) -> tuple[str, ...]:
+        """What thresholds and explanations may name: every head and "combined"."""
+        return (*self.names, "combined")
+
+    def scale(self, name: str) -> tuple[float, float]:
+        return self.ranges[self.names.index(name)]
+
+    def normalise(self, name: str, value: float) -> float:
+        """A score on 0-1 as PERM normalises it: s/high (s/5 on 1-5, b/100 on 0-100)."""
+        return value / self.scale(name)[1]
 
 
-def bystander_term(bystander: float, coef: float = 0.5) -> float:
-    """PERM's bystander term `coef * (b/100 - 1)`, in -coef..0."""
-    return coef * (bystander / 100.0 - 1.0)
-
-
-def length_penalty(n_tokens: int, limit: int = 768, coef: float = 0.001) -> float:
-    """PERM's length penalty `-coef * max(0, n_tokens - limit)`."""
-    return -coef * max(0, n_tokens - limit)
+PERM_HEADS = Heads.from_scales(SCALES, EMPATHY, BYSTANDER)

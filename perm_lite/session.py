@@ -1,22 +1,29 @@
-"""The one module that owns onnxruntime: providers, threads and session creation."""
+"""The one module that owns onnxruntime: sessions, threads and provider fallback.
+
+Which providers exist, and what each prefers, is the provider table (`providers.py`).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
-from perm_lite.errors import ProviderError
+from perm_lite import providers as provider_table
+from perm_lite.errors import OptionError, ProviderError
+from perm_lite.providers import Provider
 
 log = logging.getLogger("perm_lite")
-PROVIDERS = ("auto", "cpu", "cuda")
-_CPU = "CPUExecutionProvider"
-_CUDA = "CUDAExecutionProvider"
 _warned_cpu_fallback = False
 _telemetry_off = False
+
+# An explicit onnxruntime provider list, as onnxruntime takes it: names, or (name, options).
+OrtProviders = Sequence[str | tuple[str, dict[str, Any]]]
 
 
 def disable_telemetry() -> None:
@@ -51,38 +58,94 @@ def _options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
-def create_session(model_path: Path, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
-    """Open an inference session. `auto` uses CUDA when it really runs, else CPU.
+def _ort_name(entry: str | tuple[str, dict[str, Any]]) -> str:
+    return entry[0] if isinstance(entry, tuple) else entry
 
-    An explicit `cuda` that cannot run raises `ProviderError`; onnxruntime itself would
-    silently fall back to CPU, so the providers actually in use are checked.
+
+def create_session(
+    model_path: Callable[[Provider], Path] | Path,
+    provider: str = "auto",
+    threads: int | None = None,
+    ort_providers: OrtProviders | None = None,
+) -> tuple[ort.InferenceSession, Provider]:
+    """Open an inference session; returns it with the `Provider` it really runs on.
+
+    `model_path` is a file, or a function choosing the file for a provider (the variant it
+    prefers). `provider`: "auto" tries the table's providers that onnxruntime lists, GPU
+    ones first, and ends on CPU; a named provider that cannot run raises `ProviderError`
+    (onnxruntime itself would silently fall back to CPU, so the provider in use is
+    checked). `ort_providers` passes an explicit onnxruntime provider list through as is.
     """
-    global _warned_cpu_fallback
-    if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-    if threads is not None and threads < 1:
-        raise ProviderError("threads must be at least 1")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise OptionError(f"threads must be a whole number of at least 1, not {threads!r}")
+    path_for = model_path if callable(model_path) else (lambda _provider: model_path)
     disable_telemetry()
+    if ort_providers is not None:
+        return _explicit(path_for, provider, threads, list(ort_providers))
     available = ort.get_available_providers()
-    path = str(model_path)
-    if provider in ("auto", "cuda") and _CUDA in available:
-        session = ort.InferenceSession(path, _options(threads), providers=[_CUDA, _CPU])
-        if session.get_providers()[0] == _CUDA:
-            return session
-        reason = "onnxruntime lists CUDA but could not start it (driver, CUDA or cuDNN libraries missing?)"
+    if provider != provider_table.AUTO:
+        wanted = provider_table.get(provider)
+        if wanted.ort_name not in available:
+            raise ProviderError(
+                f"--provider {wanted.name} cannot run: onnxruntime has no {wanted.ort_name} here "
+                f"({wanted.missing_hint})"
+            )
+        session = _open(path_for(wanted), threads, wanted)
+        if session is None:
+            raise ProviderError(
+                f"--provider {wanted.name} cannot run: onnxruntime lists {wanted.ort_name} but could not start it"
+                + _hint(wanted)
+            )
+        return session, wanted
+    skipped: list[tuple[Provider, str]] = []
+    for candidate in provider_table.auto_order():
+        if candidate.ort_name not in available:
+            if candidate.gpu:
+                skipped.append((candidate, f"onnxruntime has no {candidate.ort_name} here ({candidate.missing_hint})"))
+            continue
+        session = _open(path_for(candidate), threads, candidate)
+        if session is not None:
+            _note_fallback(candidate, skipped)
+            return session, candidate
+        skipped.append((candidate, f"onnxruntime lists {candidate.ort_name} but could not start it{_hint(candidate)}"))
+    raise ProviderError("no execution provider could start: " + "; ".join(reason for _, reason in skipped))
+
+
+def _open(path: Path, threads: int | None, provider: Provider) -> ort.InferenceSession | None:
+    """A session on `provider` (CPU as onnxruntime's fallback), or None when onnxruntime
+    fell back instead of running on it."""
+    cpu = provider_table.CPU.ort_name
+    chain = [provider.ort_name] + ([] if provider.ort_name == cpu else [cpu])
+    session = ort.InferenceSession(str(path), _options(threads), providers=chain)
+    return session if session.get_providers()[0] == provider.ort_name else None
+
+
+def _explicit(
+    path_for: Callable[[Provider], Path], provider: str, threads: int | None, ort_providers: list
+) -> tuple[ort.InferenceSession, Provider]:
+    if provider != provider_table.AUTO:
+        raise OptionError("give provider= or providers=[...], not both")
+    if not ort_providers:
+        raise OptionError("providers=[...] is empty; name at least one onnxruntime execution provider")
+    first = provider_table.for_ort_name(_ort_name(ort_providers[0]))
+    session = ort.InferenceSession(str(path_for(first)), _options(threads), providers=ort_providers)
+    return session, provider_table.for_ort_name(session.get_providers()[0])
+
+
+def _hint(provider: Provider) -> str:
+    return " (driver, CUDA or cuDNN libraries missing?)" if provider.gpu else ""
+
+
+def _note_fallback(used: Provider, skipped: list[tuple[Provider, str]]) -> None:
+    """Say once per process that "auto" did not get a GPU provider: a warning when one is
+    listed but does not start (a broken install), a log line when none is installed."""
+    global _warned_cpu_fallback
+    if not skipped or _warned_cpu_fallback:
+        return
+    _warned_cpu_fallback = True
+    names = " and ".join(p.name.upper() for p, _ in skipped)
+    reason = "; ".join(r for _, r in skipped)
+    if "could not start" in reason:
+        warnings.warn(f"{names} not usable, running on {used.name.upper()}: {reason}", RuntimeWarning, stacklevel=4)
     else:
-        reason = "onnxruntime has no CUDA provider here (install perm-lite[gpu] on a CUDA machine)"
-    if provider == "cuda":
-        raise ProviderError(f"--provider cuda cannot run: {reason}")
-    if provider == "auto" and not _warned_cpu_fallback:
-        _warned_cpu_fallback = True
-        if _CUDA in available:
-            warnings.warn(f"CUDA not usable, running on CPU: {reason}", RuntimeWarning, stacklevel=3)
-        else:
-            log.info("running on CPU: %s", reason)
-    return ort.InferenceSession(path, _options(threads), providers=[_CPU])
-
-
-def session_provider(session: ort.InferenceSession) -> str:
-    """'cuda' or 'cpu': what the session really runs on."""
-    return "cuda" if session.get_providers()[0] == _CUDA else "cpu"
+        log.info("running on %s: %s", used.name, reason)

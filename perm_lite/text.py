@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from perm_lite.errors import OptionError
 from perm_lite.records import Dialogue
 
 TEMPLATE_VERSION = "perm-input-v1"
@@ -172,7 +173,7 @@ def _fit(rendered: RenderedDialogue, ids: dict[str, list[int]], history: list[li
 def encode_dialogues(dialogues: Sequence[Dialogue], tokenizer: Tokenizer, max_length: int) -> list[Encoding]:
     """Render and tokenize dialogues for a cross-encoder with `max_length` tokens."""
     if max_length < 16:
-        raise ValueError("max_length must be at least 16")
+        raise OptionError("max_length must be at least 16")
     special = SpecialTokens.from_tokenizer(tokenizer)
     clipped_parts = [clip(render(d), CHARS_PER_TOKEN * max_length) for d in dialogues]
     rendered = [r for r, _ in clipped_parts]

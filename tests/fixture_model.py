@@ -28,14 +28,14 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
-def build_graph(vocab_size: int, seed: int = 0) -> onnx.ModelProto:
+def build_graph(vocab_size: int, seed: int = 0, heads: int = 4) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array(rng.normal(0, 1, (vocab_size, DIM)).astype(np.float32), "word_emb"),
         numpy_helper.from_array(rng.normal(0, 1, (2, DIM)).astype(np.float32), "type_emb"),
         numpy_helper.from_array(rng.normal(0, 0.5, (DIM, DIM)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(0, 0.12, (DIM, 4)).astype(np.float32), "w2"),
-        numpy_helper.from_array(np.full(4, 0.5, np.float32), "b2"),
+        numpy_helper.from_array(rng.normal(0, 0.12, (DIM, heads)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.full(heads, 0.5, np.float32), "b2"),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         numpy_helper.from_array(np.array([-1], np.int64), "axis_last"),
     ]
@@ -58,7 +58,7 @@ def build_graph(vocab_size: int, seed: int = 0) -> onnx.ModelProto:
         helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
         for name in ("input_ids", "attention_mask", "token_type_ids")
     ]
-    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4])
+    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", heads])
     graph = helper.make_graph(nodes, "tiny_perm", io, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -66,12 +66,20 @@ def build_graph(vocab_size: int, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def build_model_dir(path: Path, max_length: int = 32, calibration: dict | None = None) -> Path:
-    """Write a complete model directory (config with hashes, tokenizer, ONNX, card)."""
+def build_model_dir(
+    path: Path,
+    max_length: int = 32,
+    calibration: dict | None = None,
+    scales: dict[str, list[float]] | None = None,
+    reward: dict | None = None,
+) -> Path:
+    """Write a complete model directory (config with hashes, tokenizer, ONNX, card).
+    `scales` ({head: [low, high]}, in output order) and `reward` make a model with other
+    heads than PERM's four; nothing else changes."""
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     tok.save(str(path / "tokenizer.json"))
-    onnx.save(build_graph(tok.get_vocab_size()), str(path / "model.fp32.onnx"))
+    onnx.save(build_graph(tok.get_vocab_size(), heads=len(scales) if scales else 4), str(path / "model.fp32.onnx"))
     (path / "README.md").write_text("# tiny-test\n\nA random tiny model for runtime tests. Not a real scorer.\n")
     config = {
         "name": "tiny-test",
@@ -83,5 +91,9 @@ def build_model_dir(path: Path, max_length: int = 32, calibration: dict | None =
     }
     if calibration:
         config["calibration"] = calibration
+    if scales:
+        config["perspectives"], config["scales"] = list(scales), scales
+    if reward:
+        config["reward"] = reward
     write_config(path, config)
     return path

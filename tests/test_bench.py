@@ -19,4 +19,4 @@ def test_measure_reports_every_backend_and_batch(tiny_model_dir):
         assert row["records_per_second"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
         assert row["vs_pytorch_eager"] is None  # no PyTorch row in this run
     assert to_markdown(table).count("\n") == 2 + len(table)
-    assert scorer.batch_size == 4  # the runner sets the batch size it measures
+    assert scorer.batch_size == 32  # measured per call: the scorer itself is not reconfigured

@@ -111,7 +111,7 @@ def test_auto_provider_falls_back_to_cpu_once_with_a_warning(monkeypatch, tiny_m
         Scorer(tiny_model_dir, provider="auto")  # only once per process
     from perm_lite.errors import ProviderError
 
-    with pytest.raises(ProviderError, match="lists CUDA but could not start it"):
+    with pytest.raises(ProviderError, match="lists CUDAExecutionProvider but could not start it"):
         Scorer(tiny_model_dir, provider="cuda")
 
 

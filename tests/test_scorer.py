@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from perm_lite import RecordError, Result, Scorer
-from perm_lite.errors import ProviderError
-from perm_lite.scales import PERSPECTIVES, bystander_term, empathy_reward
+from perm_lite.errors import OptionError, ProviderError
+from perm_lite.reward import Reward
+from perm_lite.scales import PERSPECTIVES
 
 WORDS = "i you feel sad happy lost job sorry that sounds hard really so very my dog died today alone tired".split()
 
@@ -75,7 +76,7 @@ def test_token_budget_does_not_change_scores(tiny_model_dir, scorer, max_batch_t
 
 
 def test_sorted_batches_respect_both_caps():
-    from perm_lite.scorer import sorted_batches
+    from perm_lite.inference import sorted_batches
 
     lengths = [5, 40, 3, 12, 12, 7, 100, 1, 9, 30]
     batches = sorted_batches(lengths, batch_size=3, max_tokens=36)
@@ -90,12 +91,49 @@ def test_sorted_batches_respect_both_caps():
 
 
 def test_token_budget_defaults_to_cpu_value_and_validates(tiny_model_dir):
-    from perm_lite.scorer import CPU_BATCH_TOKENS
+    from perm_lite.providers import CPU
 
-    assert Scorer(tiny_model_dir, provider="cpu").max_batch_tokens == CPU_BATCH_TOKENS == 1024
+    assert Scorer(tiny_model_dir, provider="cpu").max_batch_tokens == CPU.batch_tokens == 1024
     assert Scorer(tiny_model_dir, provider="cpu", max_batch_tokens=None).max_batch_tokens is None
-    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer"):
+    with pytest.raises(OptionError, match="max_batch_tokens must be a positive whole number"):
         Scorer(tiny_model_dir, provider="cpu", max_batch_tokens=0)
+    with pytest.raises(OptionError, match="batch_size must be a whole number"):
+        Scorer(tiny_model_dir, provider="cpu", batch_size=0)
+
+
+def test_batching_per_call_changes_nothing_shared(scorer):
+    """Batch size and token budget are per call: the shared scorer is never reconfigured,
+    the batches follow the call's settings, and every setting gives the same scores."""
+    from dataclasses import replace
+
+    from perm_lite import Dialogue
+
+    records = random_records(30, seed=11)
+    want = [r.raw for r in scorer.score(records)]
+    for batch_size, budget in ((1, None), (7, None), (32, 40), (3, "auto")):
+        got = scorer.score(records, batch_size=batch_size, max_batch_tokens=budget)
+        for a, b in zip(got, want):
+            assert a.raw == pytest.approx(b, abs=1e-5)
+    assert (scorer.batch_size, scorer.max_batch_tokens) == (4, 1024)  # untouched
+    sizes = []
+
+    class CountingSession:
+        def get_inputs(self):
+            return scorer.session.get_inputs()
+
+        def run(self, names, feed):
+            sizes.append(len(feed["input_ids"]))
+            return scorer.session.run(names, feed)
+
+    engine = replace(scorer.engine, session=CountingSession())
+    encodings = scorer.encode([Dialogue(response="ok", query="hi")] * 9)
+    engine.run(encodings, 4)
+    assert sizes == [4, 4, 1]
+    sizes.clear()
+    engine.run(encodings, 32, max_tokens=3 * len(encodings[0]))
+    assert sizes == [3, 3, 3]
+    with pytest.raises(OptionError, match="batch_size"):
+        scorer.score(records, batch_size=0)
 
 
 def test_neighbours_do_not_change_a_score(scorer):
@@ -154,7 +192,7 @@ def test_combine_modes(tiny_model_dir):
     for mode in ("harmonic", "mean", "geometric"):
         s = Scorer(tiny_model_dir, provider="cpu", combine=mode, bystander_coef=0)
         r = s.score_one(record)
-        assert r.combined == pytest.approx(empathy_reward(r.scores, mode), abs=1e-6)
+        assert r.combined == pytest.approx(Reward(mode, bystander_coef=0).combined(r.scores), abs=1e-6)
     weighted = Scorer(tiny_model_dir, provider="cpu", combine="mean", weights={"reception": 1.0}, bystander_coef=0)
     r = weighted.score_one(record)
     assert r.combined == pytest.approx(r.scores["reception"] / 5, abs=1e-6)
@@ -162,13 +200,42 @@ def test_combine_modes(tiny_model_dir):
 
 def test_score_maths_by_hand():
     s = {"resonation": 5.0, "expression": 2.5, "reception": 5.0, "bystander": 80.0}
-    assert empathy_reward(s, "harmonic") == pytest.approx(3 / (1 + 2 + 1))
-    assert empathy_reward(s, "mean") == pytest.approx((1 + 0.5 + 1) / 3)
-    assert empathy_reward(s, "geometric") == pytest.approx(0.5 ** (1 / 3))
-    assert empathy_reward(s, "mean", {"resonation": 1, "expression": 3}) == pytest.approx((1 + 1.5) / 4)
-    assert bystander_term(80.0) == pytest.approx(-0.1)
-    with pytest.raises(ValueError, match="unknown combine mode"):
-        empathy_reward(s, "max")
+    assert Reward("harmonic").empathy(s) == pytest.approx(3 / (1 + 2 + 1))
+    assert Reward("mean").empathy(s) == pytest.approx((1 + 0.5 + 1) / 3)
+    assert Reward("geometric").empathy(s) == pytest.approx(0.5 ** (1 / 3))
+    assert Reward("mean", {"resonation": 1, "expression": 3}).empathy(s) == pytest.approx((1 + 1.5) / 4)
+    assert Reward().bystander_term(s) == pytest.approx(-0.1)
+    assert Reward().combined(s) == pytest.approx(0.75 - 0.1)
+    assert Reward().total(s, 800) == pytest.approx(0.75 - 0.1 - 0.032)
+    assert Reward().total(s) == Reward().combined(s)  # no length: no penalty
+    assert Reward(length_coef=0).total(s, 5000) == Reward().combined(s)
+    with pytest.raises(OptionError, match="unknown combine mode 'max'"):
+        Reward("max")
+
+
+def test_reward_refuses_what_it_would_ignore(tiny_model_dir):
+    typo = Reward(weights={"expresion": 5})  # checked once it meets heads: a model's, or PERM's when used
+    with pytest.raises(OptionError, match=r"unknown perspective 'expresion' in weights; weights apply to resonation"):
+        typo.combined({"resonation": 3.0, "expression": 3.0, "reception": 3.0, "bystander": 50.0})
+    with pytest.raises(OptionError, match=r"unknown perspective 'expresion' in weights"):
+        Scorer(tiny_model_dir, provider="cpu", reward=typo)
+    with pytest.raises(OptionError, match="unknown perspective 'bystander' in weights"):
+        Scorer(tiny_model_dir, provider="cpu", weights={"bystander": 1})
+    with pytest.raises(OptionError, match="must not all be zero"):
+        Reward(weights={"reception": 0})
+    with pytest.raises(OptionError, match="weight of reception must be at least 0"):
+        Reward(weights={"reception": -1})
+    with pytest.raises(OptionError, match="bystander_coef must be a finite number"):
+        Reward(bystander_coef=float("nan"))
+    with pytest.raises(OptionError, match="give reward=Reward"):
+        Scorer(tiny_model_dir, provider="cpu", reward=Reward(), combine="mean")
+    frozen = Reward(weights={"reception": 2})
+    with pytest.raises(AttributeError):
+        frozen.mode = "mean"
+    assert hash(frozen) == hash(Reward(weights={"reception": 2}))
+    s = Scorer(tiny_model_dir, provider="cpu", reward=Reward("mean", {"reception": 1}, bystander_coef=0))
+    r = s.score_one(query="my dog died", response="so sorry")
+    assert r.combined == pytest.approx(r.scores["reception"] / 5, abs=1e-6)
 
 
 def test_calibration_maps_onto_scale(tmp_path):
@@ -192,9 +259,9 @@ def test_explicit_cuda_that_cannot_run_is_an_error(tiny_model_dir):
 
 
 def test_bad_provider_and_threads(tiny_model_dir):
-    with pytest.raises(ProviderError, match="unknown provider"):
+    with pytest.raises(OptionError, match="unknown provider 'tpu'; choose one of auto, cuda, cpu"):
         Scorer(tiny_model_dir, provider="tpu")
-    with pytest.raises(ProviderError, match="threads"):
+    with pytest.raises(OptionError, match="threads"):
         Scorer(tiny_model_dir, threads=0)
 
 

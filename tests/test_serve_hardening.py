@@ -39,7 +39,7 @@ class Stub:
     """A scorer that records what it scored; `gate` holds it, `fail_on` raises TypeError."""
 
     def __init__(self, scorer, gate: threading.Event | None = None, delay: float = 0.0, fail_on: str | None = None):
-        self.real, self.config = scorer, scorer.config
+        self.real, self.config, self.heads, self.reward = scorer, scorer.config, scorer.heads, scorer.reward
         self.provider, self.variant = "cpu", "int8"
         self.gate, self.delay, self.fail_on = gate, delay, fail_on
         self.calls: list[list[str]] = []

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perm_lite.errors import PermError
+from perm_lite import providers as provider_table
+from perm_lite.errors import OptionError, PermError
 from perm_lite.records import RecordError, parse_record
 from perm_lite.scales import PERSPECTIVES
 
-SCORE_COLUMNS = [f"perm_{p}" for p in PERSPECTIVES] + ["perm_combined", "perm_truncated", "perm_error"]
 RETRY_ARGS = {"max_restarts": -1, "max_task_retries": -1}  # a killed actor restarts; its batch is retried
-PROVIDERS = ("auto", "cpu", "cuda")
 # Scorer options the actors set themselves (threads from threads_per_worker, batch size
 # from inference_batch_size, provider from the resource plan).
 _RESERVED_OPTIONS = {
@@ -49,6 +48,12 @@ _RESERVED_OPTIONS = {
 
 class RayResourceError(PermError, ValueError):
     """A Ray configuration that could never be scheduled (it would wait forever)."""
+
+
+def score_columns(perspectives: tuple[str, ...] = PERSPECTIVES) -> list[str]:
+    """The columns Parquet scoring adds: `perm_<perspective>` per head of the model, then
+    `perm_combined`, `perm_truncated` and `perm_error`."""
+    return [f"perm_{p}" for p in perspectives] + ["perm_combined", "perm_truncated", "perm_error"]
 
 
 def _clean(value: Any) -> Any:
@@ -98,11 +103,13 @@ class ScoreRows(_ActorScorer):
         from perm_lite.scorer import Result
 
         rows = batch.to_pylist()
+        heads = self.scorer.heads.names
+        added = score_columns(heads)
         dialogues, where = [], []
         errors: list[str | None] = [None] * len(rows)
         for i, row in enumerate(rows):
             try:
-                cleaned = {k: _clean(v) for k, v in row.items() if k not in SCORE_COLUMNS}
+                cleaned = {k: _clean(v) for k, v in row.items() if k not in added}
                 record = {k: v for k, v in cleaned.items() if v is not None}
                 dialogues.append(parse_record(record, self.field_map))
                 where.append(i)
@@ -110,12 +117,12 @@ class ScoreRows(_ActorScorer):
                 errors[i] = printable(str(exc))
             except Exception as exc:  # one row's failure is that row's error
                 errors[i] = printable(str(_failure(exc)))
-        columns: dict[str, list] = {c: [None] * len(rows) for c in SCORE_COLUMNS}
+        columns: dict[str, list] = {c: [None] * len(rows) for c in added}
         for i, outcome in zip(where, score_isolated(self.scorer, dialogues)):
             if isinstance(outcome, Result):
-                values = [outcome.scores[p] for p in PERSPECTIVES] + [outcome.combined]
+                values = [outcome.scores[p] for p in heads] + [outcome.combined]
                 if all(math.isfinite(v) for v in values):
-                    for p in PERSPECTIVES:
+                    for p in heads:
                         columns[f"perm_{p}"][i] = outcome.scores[p]
                     columns["perm_combined"][i] = outcome.combined
                     columns["perm_truncated"][i] = outcome.truncated
@@ -124,7 +131,7 @@ class ScoreRows(_ActorScorer):
             errors[i] = printable(str(outcome))
         columns["perm_error"] = errors
         types = {"perm_truncated": pa.bool_(), "perm_error": pa.string()}
-        out = batch.drop_columns([c for c in SCORE_COLUMNS if c in batch.column_names])
+        out = batch.drop_columns([c for c in added if c in batch.column_names])
         for name, values in columns.items():
             out = out.append_column(name, pa.array(values, type=types.get(name, pa.float64())))
         return out
@@ -292,10 +299,11 @@ def plan_actors(
     `held_cpus` are already held by the dataset's other actor pools. `workers=None`: as
     many actors as fit. `names`: how the two settings are spelled in messages."""
     w_name, t_name = names
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
+    if provider not in provider_table.names():
+        raise OptionError(f"provider must be one of {', '.join(provider_table.names())}, not {provider!r}")
+    needs_gpu = provider != provider_table.AUTO and provider_table.get(provider).gpu
     if threads < 1 or (workers is not None and workers < 1):
-        raise ValueError(f"{w_name} and {t_name} must be at least 1")
+        raise OptionError(f"{w_name} and {t_name} must be at least 1")
     node_cpus, total_gpus, available = cluster or _cluster()
     total = sum(node_cpus) - held_cpus
     biggest = max(node_cpus, default=0.0)
@@ -314,11 +322,11 @@ def plan_actors(
     room = math.floor((total - task_cpus) / threads + 1e-9)  # leaving task_cpus free
     fit = min(fit_nodes, max(room, 0))
     gpus = 0
-    use_provider = "cpu"
-    if provider == "cuda" or (provider == "auto" and total_gpus >= (workers or 1)):
+    use_provider = provider_table.CPU.name if provider == provider_table.AUTO else provider
+    if needs_gpu or (provider == provider_table.AUTO and total_gpus >= (workers or 1)):
         if total_gpus < 1:
             raise RayResourceError(
-                "provider 'cuda': the Ray cluster has no GPUs; each scoring actor would wait for one forever. "
+                f"provider {provider!r}: the Ray cluster has no GPUs; each scoring actor would wait for one forever. "
                 "Use provider 'cpu' (or 'auto'), or add GPU nodes."
             )
         gpus, use_provider = 1, provider
@@ -369,7 +377,7 @@ def plan_actors(
 
 
 def check_scorer_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The Scorer options each actor gets; refuses (ValueError) one the Scorer does not take
+    """The Scorer options each actor gets; refuses (OptionError) one the Scorer does not take
     or one the actors set themselves, so that nothing passed is silently ignored."""
     import inspect
 
@@ -378,9 +386,9 @@ def check_scorer_options(options: Mapping[str, Any]) -> dict[str, Any]:
     accepted = set(inspect.signature(Scorer.__init__).parameters) - {"self", "model", "provider"}
     for name in options:
         if name in _RESERVED_OPTIONS:
-            raise ValueError(f"{name!r}: on Ray, pass {_RESERVED_OPTIONS[name]}= instead (it sizes each actor)")
+            raise OptionError(f"{name!r}: on Ray, pass {_RESERVED_OPTIONS[name]}= instead (it sizes each actor)")
         if name not in accepted:
-            raise ValueError(f"unknown Scorer option {name!r}; accepted: {', '.join(sorted(accepted))}")
+            raise OptionError(f"unknown Scorer option {name!r}; accepted: {', '.join(sorted(accepted))}")
     return dict(options)
 
 
@@ -396,7 +404,7 @@ def _map_options(
     import ray
 
     if batch_size < 1 or inference_batch_size < 1:
-        raise ValueError("batch_size and inference_batch_size must be at least 1")
+        raise OptionError("batch_size and inference_batch_size must be at least 1")
     options: dict[str, Any] = {
         "fn_constructor_kwargs": {
             "model": str(model),

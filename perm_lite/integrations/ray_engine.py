@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perm_lite.errors import PermError
+from perm_lite.errors import OptionError, PermError
 
 
 @dataclass
@@ -62,10 +62,10 @@ def input_files(path: str) -> tuple[list[str], str]:
     else:
         raise FileNotFoundError(f"input {path} does not exist")
     if not files:
-        raise ValueError(f"{path} holds no .jsonl or .parquet files")
+        raise OptionError(f"{path} holds no .jsonl or .parquet files")
     kinds = {"parquet" if f.suffix == ".parquet" else "jsonl" for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"{path} mixes JSONL and Parquet files; score them separately")
+        raise OptionError(f"{path} mixes JSONL and Parquet files; score them separately")
     return [str(f.resolve()) for f in files], kinds.pop()
 
 
@@ -87,7 +87,7 @@ def run(
     note: Callable[[str], None] | None = None,
 ) -> RaySummary:
     """Score `input_path` into `output_dir` on Ray. Refused before anything is written:
-    a model that does not load (`ModelError`), bad options (`ValueError`) and a configuration
+    a model that does not load (`ModelError`), bad options (`OptionError`, a `ValueError`) and a configuration
     the cluster could never schedule (`RayResourceError`, a `ValueError`). `replaces`: earlier
     perm outputs in `output_dir` to remove once the run has finished. `note` gets what is
     worth saying before the run starts (the CPUs it needs are busy now: it will wait)."""

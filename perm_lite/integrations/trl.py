@@ -22,8 +22,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from perm_lite.errors import OptionError
 from perm_lite.records import RecordError, parse_record
-from perm_lite.scales import EMPATHY, PERSPECTIVES, bystander_term, empathy_reward, length_penalty
+from perm_lite.reward import Reward
 from perm_lite.scorer import Result, Scorer
 
 log = logging.getLogger("perm_lite")
@@ -78,7 +79,14 @@ def build_record(prompt: Any, completion: Any, columns: Mapping[str, Any], i: in
 
 class _PermRewardBase:
     def __init__(self, model: str, provider: str, threads: int | None, batch_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise OptionError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
         self.model, self.provider, self.threads, self.batch_size = model, provider, threads, batch_size
+
+    @property
+    def scorer(self) -> Scorer:
+        """The process-wide Scorer of this model (loaded on first use, shared, never reconfigured)."""
+        return shared_scorer(self.model, self.provider, self.threads)
 
     def __call__(
         self,
@@ -98,7 +106,7 @@ class _PermRewardBase:
     def _results(
         self, prompts: Sequence[Any] | None, completions: Sequence[Any], columns: Mapping[str, Any]
     ) -> list[Result | None]:
-        scorer = shared_scorer(self.model, self.provider, self.threads)
+        scorer = self.scorer
         dialogues, where = [], []
         for i, completion in enumerate(completions):
             prompt = prompts[i] if prompts is not None and i < len(prompts) else None
@@ -108,28 +116,26 @@ class _PermRewardBase:
             except RecordError as exc:
                 log.warning("%s: completion %d gets no reward: %s", self.__name__, i, exc)
         out: list[Result | None] = [None] * len(completions)
-        if dialogues:
-            previous = scorer.batch_size
-            scorer.batch_size = self.batch_size
-            try:
-                for i, result in zip(where, scorer.score_dialogues(dialogues)):
-                    out[i] = result
-            finally:
-                scorer.batch_size = previous
+        if dialogues:  # this callable's batch size, for this call only: the shared scorer is untouched
+            for i, result in zip(where, scorer.score_dialogues(dialogues, batch_size=self.batch_size)):
+                out[i] = result
         return out
 
 
 class PermReward(_PermRewardBase):
-    """PERM's combined reward: empathy combination + bystander term + length penalty.
+    """PERM's combined reward: empathy combination + bystander term + length penalty
+    (`perm_lite.reward.Reward.total`, the formula every front end shares).
 
     Args:
-        combine: "harmonic" (the recipe's), "mean" or "geometric" over resonation,
-            expression and reception normalised as s/5.
-        weights: optional per-perspective weights for the empathy combination.
+        combine: "harmonic" (the recipe's), "mean" or "geometric" over the model's empathy
+            perspectives (PERM: resonation, expression, reception) normalised as s/5.
+        weights: optional per-perspective weights for the empathy combination, checked
+            against the model's perspectives (loads the model).
         bystander_coef: coefficient of `coef * (b/100 - 1)`; 0 disables the term.
         length_limit, length_coef: `-coef * max(0, n - limit)`, n counted in the policy's
             tokens (`completion_ids`, which GRPOTrainer passes; or `tokenizer`); coef 0
             disables it.
+        reward: a `Reward` instead of the four settings above.
         tokenizer: a callable text -> token count, used only when `completion_ids` is absent.
     """
 
@@ -142,6 +148,7 @@ class PermReward(_PermRewardBase):
         bystander_coef: float = 0.5,
         length_limit: int = 768,
         length_coef: float = 0.001,
+        reward: Reward | None = None,
         tokenizer: Callable[[str], int] | None = None,
         provider: str = "auto",
         threads: int | None = None,
@@ -149,20 +156,14 @@ class PermReward(_PermRewardBase):
         name: str = "perm",
     ) -> None:
         super().__init__(model, provider, threads, batch_size)
-        empathy_reward({p: 3.0 for p in EMPATHY}, combine, weights)  # fail now on a bad mode or weights
-        self.combine, self.weights = combine, dict(weights) if weights else None
-        self.bystander_coef, self.length_limit, self.length_coef = bystander_coef, length_limit, length_coef
+        reward = reward or Reward(combine, weights, bystander_coef, length_limit, length_coef)  # fails fast
+        self.settings = reward.bind(self.scorer.heads)  # weights checked against the model's heads
         self.tokenizer = tokenizer
         self.__name__ = name
 
     def reward(self, scores: Mapping[str, float], n_tokens: int | None) -> float:
         """The reward for one set of calibrated scores and a completion length."""
-        value = empathy_reward(scores, self.combine, self.weights)
-        if self.bystander_coef:
-            value += bystander_term(scores["bystander"], self.bystander_coef)
-        if self.length_coef and n_tokens is not None:
-            value += length_penalty(n_tokens, self.length_limit, self.length_coef)
-        return value
+        return self.settings.total(scores, n_tokens)
 
     def _rewards(
         self,
@@ -181,7 +182,7 @@ class PermReward(_PermRewardBase):
         return rewards
 
     def _length(self, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> int | None:
-        if not self.length_coef:
+        if not self.settings.length_coef:
             return None
         if completion_ids is not None:
             return len(completion_ids[i])
@@ -194,8 +195,9 @@ class PermReward(_PermRewardBase):
 
 
 class PerspectiveReward(_PermRewardBase):
-    """One perspective's calibrated score as a reward (1-5, or bystander 0-100), optionally
-    rescaled to 0-1 with `normalise=True` (s/5, b/100)."""
+    """One perspective's calibrated score as a reward (its scale: PERM 1-5, bystander 0-100),
+    optionally rescaled to 0-1 with `normalise=True` (s/high: s/5, b/100). The name is
+    checked against the model's perspectives (loads the model)."""
 
     def __init__(
         self,
@@ -207,9 +209,10 @@ class PerspectiveReward(_PermRewardBase):
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
-        if perspective not in PERSPECTIVES:
-            raise ValueError(f"unknown perspective {perspective!r}; choose one of {', '.join(PERSPECTIVES)}")
         super().__init__(model, provider, threads, batch_size)
+        heads = self.scorer.heads
+        if perspective not in heads.names:
+            raise OptionError(f"unknown perspective {perspective!r}; choose one of {', '.join(heads.names)}")
         self.perspective, self.normalise = perspective, normalise
         self.__name__ = f"perm_{perspective}"
 
@@ -220,11 +223,11 @@ class PerspectiveReward(_PermRewardBase):
         completion_ids: Sequence[Sequence[int]] | None,
         columns: Mapping[str, Any],
     ) -> list[float | None]:
-        scale = 100.0 if self.perspective == "bystander" else 5.0
+        heads = self.scorer.heads
         out: list[float | None] = []
         for result in self._results(prompts, completions, columns):
             value = None if result is None else result.scores[self.perspective]
-            out.append(value / scale if value is not None and self.normalise else value)
+            out.append(heads.normalise(self.perspective, value) if value is not None and self.normalise else value)
         return out
 
 
@@ -234,6 +237,9 @@ def perm_reward(model: str = "default", **options: Any) -> PermReward:
 
 
 def perspective_rewards(model: str = "default", **options: Any) -> list[PerspectiveReward]:
-    """Four callables, `perm_resonation`, `perm_expression`, `perm_reception` and
-    `perm_bystander`, for multi-objective training (use `reward_weights` to mix them)."""
-    return [PerspectiveReward(p, model, **options) for p in PERSPECTIVES]
+    """One callable per perspective of the model, `perm_<name>` (PERM: `perm_resonation`,
+    `perm_expression`, `perm_reception`, `perm_bystander`), for multi-objective training
+    (use `reward_weights` to mix them)."""
+    keys = {k: options[k] for k in ("provider", "threads") if k in options}
+    heads = shared_scorer(model, **keys).heads
+    return [PerspectiveReward(p, model, **options) for p in heads.names]

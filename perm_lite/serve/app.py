@@ -41,10 +41,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from perm_lite.errors import OptionError
 from perm_lite.explain import assemble, occlusion
-from perm_lite.guardrail import CHECKS, Guardrail, culprit
+from perm_lite.guardrail import Guardrail, culprit
 from perm_lite.records import RecordError, parse_record
-from perm_lite.scales import PERSPECTIVES, SCALES
 from perm_lite.scorer import Scorer
 from perm_lite.serve.batcher import MicroBatcher, QueueFull, RecordsFailed, ShuttingDown
 
@@ -286,7 +286,7 @@ def _record_problem(record: Any) -> tuple[Any, str] | None:
     return None
 
 
-def _thresholds(value: Any) -> dict[str, float]:
+def _thresholds(value: Any, checks: tuple[str, ...]) -> dict[str, float]:
     def bad(reason: str) -> HTTPProblem:
         return HTTPProblem(422, f"thresholds: {reason}", [{"index": None, "field": "thresholds", "error": reason}])
 
@@ -294,9 +294,9 @@ def _thresholds(value: Any) -> dict[str, float]:
         raise bad(value.reason)
     if not isinstance(value, dict):
         raise bad(f'expected an object like {{"reception": 2.5}}, got {type(value).__name__}')
-    unknown = sorted(_safe(k) for k in value if k not in CHECKS)
+    unknown = sorted(_safe(k) for k in value if k not in checks)
     if unknown:
-        raise bad(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
+        raise bad(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(checks)}")
     for name, number in value.items():
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             reason = number.reason if isinstance(number, _Invalid) else f"got {type(number).__name__}"
@@ -312,7 +312,7 @@ class BearerAuth:
 
     def __init__(self, app, token: str, open_paths: tuple[str, ...] = OPEN_PATHS) -> None:
         if not token:
-            raise ValueError("the auth token is empty")
+            raise OptionError("the auth token is empty")
         self.app, self._token, self.open_paths = app, token.encode("utf-8"), open_paths
 
     async def __call__(self, scope, receive, send) -> None:
@@ -362,11 +362,11 @@ def create_app(
     SIGTERM): new requests get 503 and everything in progress is answered or refused
     within `shutdown_timeout` seconds."""
     if max_queue_records < max_records:
-        raise ValueError(f"max_queue_records ({max_queue_records}) must be at least max_records ({max_records})")
+        raise OptionError(f"max_queue_records ({max_queue_records}) must be at least max_records ({max_records})")
     if max_queue_chars < max_body_bytes:
-        raise ValueError(f"max_queue_chars ({max_queue_chars}) must be at least the body limit ({max_body_bytes})")
+        raise OptionError(f"max_queue_chars ({max_queue_chars}) must be at least the body limit ({max_body_bytes})")
     if shutdown_timeout < 0:
-        raise ValueError("shutdown_timeout must be >= 0")
+        raise OptionError("shutdown_timeout must be >= 0")
     scorer = scorer or Scorer()
     default_guard = Guardrail(thresholds, scorer) if thresholds else None
     batcher = MicroBatcher(
@@ -494,7 +494,7 @@ def create_app(
             guard = default_guard
             if body.get("thresholds") is not None:
                 try:
-                    guard = Guardrail(_thresholds(body["thresholds"]), scorer)
+                    guard = Guardrail(_thresholds(body["thresholds"], scorer.heads.checks), scorer)
                 except (ValueError, TypeError) as exc:
                     raise HTTPProblem(422, f"thresholds: {_safe(exc)}") from None
             if guard is None:
@@ -549,8 +549,9 @@ def create_app(
         return {
             "name": c.name,
             "version": c.version,
-            "perspectives": list(PERSPECTIVES),
-            "scales": {p: list(SCALES[p]) for p in PERSPECTIVES},
+            "perspectives": list(scorer.heads.names),
+            "scales": {p: list(r) for p, r in zip(scorer.heads.names, scorer.heads.ranges)},
+            "reward": scorer.reward.to_dict(),
             "max_length": c.max_length,
             "provider": scorer.provider,
             "variant": scorer.variant,

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from perm_lite.errors import PermError
+from perm_lite.errors import OptionError, PermError
 from perm_lite.records import Dialogue
 from perm_lite.scorer import Result
 
@@ -99,10 +99,10 @@ class MicroBatcher:
         max_batch_chars: int = 262_144,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0 or max_batch_chars < 1:
-            raise ValueError("max_batch, queue_size and max_batch_chars must be >= 1 and max_wait_ms >= 0")
+            raise OptionError("max_batch, queue_size and max_batch_chars must be >= 1 and max_wait_ms >= 0")
         for name, value in (("max_queue_records", max_queue_records), ("max_queue_chars", max_queue_chars)):
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise OptionError(f"{name} must be >= 1")
         self._score, self.max_batch, self.max_wait = score, max_batch, max_wait_ms / 1000
         self.queue_size = queue_size
         self.max_queue_records, self.max_queue_chars = max_queue_records, max_queue_chars

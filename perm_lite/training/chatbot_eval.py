@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from perm_lite.records import Dialogue, Turn
-from perm_lite.scales import PERSPECTIVES, bystander_term, empathy_reward
+from perm_lite.reward import Reward
+from perm_lite.scales import PERSPECTIVES
 from perm_lite.training.chatbot_data import MINT_QUESTIONS, ieval_dialogues, read_ieval, read_mint
 
 Predictor = Callable[[Sequence[Dialogue]], np.ndarray]
@@ -54,9 +55,11 @@ def with_combined(heads: np.ndarray, scale: str = "unit") -> np.ndarray:
     `unit`: outputs on the training targets' 0-1 scale (PyTorch checkpoints, ridge);
     the 1-5 and 0-100 scales are recovered as 1 + 4t and 100t, clipped."""
     t = np.clip(heads, 0.0, 1.0)
+    reward = Reward()
     combined = [
-        empathy_reward({"resonation": 1 + 4 * r, "expression": 1 + 4 * e, "reception": 1 + 4 * c})
-        + bystander_term(100 * b)
+        reward.combined(
+            {"resonation": 1 + 4 * r, "expression": 1 + 4 * e, "reception": 1 + 4 * c, "bystander": 100 * b}
+        )
         for r, e, c, b in t[:, :4]
     ]
     return np.concatenate([heads[:, :4], np.array(combined)[:, None]], axis=1)

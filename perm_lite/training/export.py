@@ -267,16 +267,16 @@ def run_onnx(path: Path, encodings: Sequence[Encoding], pad_id: int, batch_size:
     """Raw outputs of an ONNX file, length-sorted batches, input order (for checks)."""
     import onnxruntime as ort
 
-    from perm_lite.scorer import run_sorted_batches
+    from perm_lite.inference import Engine
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return run_sorted_batches(session, encodings, pad_id, batch_size)
+    return Engine(session, pad_id).run(encodings, batch_size)
 
 
 def run_torch(model, encodings: Sequence[Encoding], pad_id: int, batch_size: int = 32) -> np.ndarray:
     import torch
 
-    out = np.zeros((len(encodings), 4), dtype=np.float32)
+    out = np.zeros((len(encodings), model.heads.out_features), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, len(encodings), batch_size):
             feed = pad_batch(encodings[start : start + batch_size], pad_id)
@@ -350,7 +350,9 @@ def export_model_dir(
     write_config(out_dir, config)
     report = {
         "fp32_vs_torch_max_abs": fp32_err,
-        "int8_vs_fp32_pearson": [float(np.corrcoef(int8_out[:, j], fp32_out[:, j])[0, 1]) for j in range(4)],
+        "int8_vs_fp32_pearson": [
+            float(np.corrcoef(int8_out[:, j], fp32_out[:, j])[0, 1]) for j in range(int8_out.shape[1])
+        ],
         "int8_bytes": (out_dir / "model.int8.onnx").stat().st_size,
     }
     log.info("export report: %s", report)
