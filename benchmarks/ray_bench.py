@@ -18,8 +18,8 @@ def run(records: int = 3000, cache: Path | None = None) -> dict:
     import ray
 
     from perm_lite import Scorer
-    from perm_lite.jsonl import open_input, read_records
     from perm_lite.integrations.ray import score_jsonl_lines
+    from perm_lite.jsonl import open_input, read_records
 
     cache = cache or Path(__file__).resolve().parent / ".cache"
     cache.mkdir(exist_ok=True)

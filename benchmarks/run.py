@@ -34,9 +34,9 @@ sys.path.insert(0, str(HERE))
 
 from judge_cost import judge_cost  # noqa: E402
 
-from perm_lite.jsonl import open_input, read_records  # noqa: E402
 from perm_lite.bench import Runner, build_backends, fixed_length_dialogues, measure  # noqa: E402
 from perm_lite.floor import floor_table, gemm_rate, model_shape, profile_ops  # noqa: E402
+from perm_lite.jsonl import open_input, read_records  # noqa: E402
 from perm_lite.records import Dialogue  # noqa: E402
 from perm_lite.scorer import Scorer  # noqa: E402
 from perm_lite.session import available_cores  # noqa: E402
@@ -216,7 +216,7 @@ def floor(table: list[dict], mix: Path, model_path: Path) -> dict:
 def profile(mix: Path, model_path: Path) -> dict:
     """Where the time of one public-API call goes, and which operators the engine spends on."""
     from perm_lite.bench import _TimedSession
-    from perm_lite.scorer import run_sorted_batches, sorted_batches
+    from perm_lite.inference import Engine, sorted_batches
     from perm_lite.text import pad_batch
 
     scorer = Scorer(provider="cpu", batch_size=32)
@@ -229,10 +229,10 @@ def profile(mix: Path, model_path: Path) -> dict:
         encodings = scorer.encode(dialogues)
         t1 = time.perf_counter()
         for idx in sorted_batches([len(e) for e in encodings], 32, budget):
-            pad_batch([encodings[i] for i in idx], 0)
+            pad_batch([encodings[i] for i in idx], scorer.engine.pad_id)
         t2 = time.perf_counter()
         timed = _TimedSession(scorer.session)
-        run_sorted_batches(timed, encodings, 0, 32, budget)
+        Engine(timed, scorer.engine.pad_id).run(encodings, 32, budget)
         splits["tokenize"].append(t1 - t0)
         splits["pad"].append(t2 - t1)
         splits["engine"].append(sum(timed.durations))

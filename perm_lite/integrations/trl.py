@@ -98,9 +98,13 @@ class _PermRewardBase:
         """GRPOTrainer's reward_funcs call: one float or None per completion."""
         if completions is None:
             raise TypeError(f"{self.__name__}: completions is required")
-        return self._rewards(prompts, completions, completion_ids, columns)
+        results = self._results(prompts, completions, columns)
+        return [
+            None if result is None else self._value(result, i, completions[i], completion_ids)
+            for i, result in enumerate(results)
+        ]
 
-    def _rewards(self, prompts, completions, completion_ids, columns) -> list[float | None]:
+    def _value(self, result: Result, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> float:
         raise NotImplementedError
 
     def _results(
@@ -165,21 +169,8 @@ class PermReward(_PermRewardBase):
         """The reward for one set of calibrated scores and a completion length."""
         return self.settings.total(scores, n_tokens)
 
-    def _rewards(
-        self,
-        prompts: Sequence[Any] | None,
-        completions: Sequence[Any],
-        completion_ids: Sequence[Sequence[int]] | None,
-        columns: Mapping[str, Any],
-    ) -> list[float | None]:
-        results = self._results(prompts, completions, columns)
-        rewards: list[float | None] = []
-        for i, result in enumerate(results):
-            if result is None:
-                rewards.append(None)
-                continue
-            rewards.append(self.reward(result.scores, self._length(i, completions[i], completion_ids)))
-        return rewards
+    def _value(self, result: Result, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> float:
+        return self.reward(result.scores, self._length(i, completion, completion_ids))
 
     def _length(self, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> int | None:
         if not self.settings.length_coef:
@@ -216,19 +207,9 @@ class PerspectiveReward(_PermRewardBase):
         self.perspective, self.normalise = perspective, normalise
         self.__name__ = f"perm_{perspective}"
 
-    def _rewards(
-        self,
-        prompts: Sequence[Any] | None,
-        completions: Sequence[Any],
-        completion_ids: Sequence[Sequence[int]] | None,
-        columns: Mapping[str, Any],
-    ) -> list[float | None]:
-        heads = self.scorer.heads
-        out: list[float | None] = []
-        for result in self._results(prompts, completions, columns):
-            value = None if result is None else result.scores[self.perspective]
-            out.append(heads.normalise(self.perspective, value) if value is not None and self.normalise else value)
-        return out
+    def _value(self, result: Result, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> float:
+        value = result.scores[self.perspective]
+        return self.scorer.heads.normalise(self.perspective, value) if self.normalise else value
 
 
 def perm_reward(model: str = "default", **options: Any) -> PermReward:

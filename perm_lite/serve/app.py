@@ -464,12 +464,17 @@ def create_app(
         log.error("scoring failed", exc_info=exc)
         raise HTTPProblem(500, f"scoring failed ({type(exc).__name__}); the request was not scored")
 
+    async def read_object(request: Request, hold: _Hold, key: str, shape: str) -> dict:
+        """The request's JSON body, which must be an object holding `key`."""
+        body = await _read_json(request, max_body_bytes, hold)
+        if not isinstance(body, dict) or key not in body:
+            raise HTTPProblem(422, f"body must be an object {shape}")
+        return body
+
     @app.post("/v1/score")
     async def score(request: Request) -> dict:
         async def handle(hold: _Hold) -> dict:
-            body = await _read_json(request, max_body_bytes, hold)
-            if not isinstance(body, dict) or "records" not in body:
-                raise HTTPProblem(422, 'body must be an object {"records": [...]}')
+            body = await read_object(request, hold, "records", '{"records": [...]}')
             dialogues = _parse(body["records"], max_records)
             del body
             results = await run(request, dialogues)
@@ -488,9 +493,7 @@ def create_app(
         started = time.perf_counter()
 
         async def handle(hold: _Hold) -> dict:
-            body = await _read_json(request, max_body_bytes, hold)
-            if not isinstance(body, dict) or "record" not in body:
-                raise HTTPProblem(422, 'body must be an object {"record": {...}, "thresholds": {...}}')
+            body = await read_object(request, hold, "record", '{"record": {...}, "thresholds": {...}}')
             guard = default_guard
             if body.get("thresholds") is not None:
                 try:
@@ -513,9 +516,7 @@ def create_app(
     @app.post("/v1/explain")
     async def explain(request: Request) -> dict:
         async def handle(hold: _Hold) -> dict:
-            body = await _read_json(request, max_body_bytes, hold)
-            if not isinstance(body, dict) or "record" not in body:
-                raise HTTPProblem(422, 'body must be an object {"record": {...}, "context": false}')
+            body = await read_object(request, hold, "record", '{"record": {...}, "context": false}')
             context = body.get("context", False)
             if not isinstance(context, bool):
                 raise HTTPProblem(422, "context must be true or false")
