@@ -208,3 +208,82 @@ def test_training_commands_name_the_missing_extra(monkeypatch):
     res = runner.invoke(app, ["eval", "--data", "x"])
     assert res.exit_code == 1
     assert "perm eval needs the train extra: pip install 'perm-lite[train]'" in res.stderr
+
+
+def _capture_scorer_options(monkeypatch):
+    """Record the keyword arguments every Scorer is built with (the real one is still built)."""
+    from perm_lite.scorer import Scorer
+
+    seen = []
+    real = Scorer.__init__
+
+    def init(self, *args, **kwargs):
+        seen.append(kwargs)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scorer, "__init__", init)
+    return seen
+
+
+def test_max_batch_tokens_reaches_the_scorer(tmp_path, tiny_model_dir, monkeypatch):
+    seen = _capture_scorer_options(monkeypatch)
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    args = ["score", str(src), "--model", str(tiny_model_dir), "-q"]
+    assert runner.invoke(app, [*args, "--max-batch-tokens", "64"]).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0
+    assert [s["max_batch_tokens"] for s in seen] == [64, "auto"]
+    res = runner.invoke(app, [*args, "--max-batch-tokens", "0"])
+    assert res.exit_code == 2 and len(seen) == 2
+
+
+def test_max_batch_tokens_reaches_the_ray_actors(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from perm_lite.integrations import ray_engine
+
+    calls = []
+
+    def fake_run(input_path, output_dir, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(scored=0, errors=0, seconds=0.0, workers=1, threads_per_worker=1, provider="cpu")
+
+    monkeypatch.setattr(ray_engine, "run", fake_run)
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    args = ["score", str(src), "--model", str(tiny_model_dir), "-q", "--engine", "ray", "-o", str(tmp_path / "out")]
+    assert runner.invoke(app, [*args, "--max-batch-tokens", "128"]).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0
+    assert calls[0]["scorer_options"]["max_batch_tokens"] == 128
+    assert "max_batch_tokens" not in calls[1]["scorer_options"]  # the actors' own "auto"
+
+
+def test_option_error_from_the_library_is_a_usage_error(tmp_path, tiny_model_dir, monkeypatch):
+    from perm_lite.errors import ModelError, OptionError
+    from perm_lite.scorer import Scorer
+
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    out = tmp_path / "out.jsonl"
+    for exc, code in ((OptionError("weights: unknown perspective 'expresion'"), 2), (ModelError("corrupt"), 1)):
+
+        def refuse(self, *args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(Scorer, "__init__", refuse)
+        res = runner.invoke(app, ["score", str(src), "-o", str(out), "--model", str(tiny_model_dir)])
+        assert res.exit_code == code and res.stderr.strip() == f"error: {exc}"
+        assert not out.exists()
+
+
+def test_serve_provider_is_a_choice_and_max_batch_tokens_reaches_the_scorer(tiny_model_dir, monkeypatch):
+    pytest.importorskip("uvicorn")
+    from perm_lite.serve import server
+
+    res = runner.invoke(app, ["serve", "--model", str(tiny_model_dir), "--provider", "tpu"])
+    assert res.exit_code == 2 and "tpu" in res.stderr
+    served = []
+    monkeypatch.setattr(server, "serve", lambda app_, sock, timeout: (served.append(app_), sock.close()))
+    seen = _capture_scorer_options(monkeypatch)
+    args = ["serve", "--model", str(tiny_model_dir), "--port", "0", "--provider", "cpu", "--max-batch-tokens", "256"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert served and seen == [{"provider": "cpu", "threads": None, "max_batch_tokens": 256}]

@@ -516,3 +516,48 @@ def test_cache_that_is_the_input_is_refused(tmp_path, server):
     result = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
     assert result.exit_code == 2 and "is the input file" in result.output, result.output
     assert source.read_bytes() == before and ScriptedJudge.requests == []
+
+
+def test_judge_on_error_stop_runs_on_the_shared_runner(tmp_path, server, monkeypatch):
+    from perm_lite import runner
+    from perm_lite.judge import run as judge_run
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["on_error"], kwargs["on_interrupt"]))
+        return runner.run_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(judge_run, "run_chunks", spy)
+    result, rows = run_judge(tmp_path, server, "--on-error", "stop")
+    assert result.exit_code == 4, result.output
+    assert seen == [("stop", "raise")]  # the chunk loop perm score uses; Ctrl-C does not re-ask a chunk
+    assert list(rows) == ["ok", "limited"]
+    errors = [json.loads(x) for x in (tmp_path / "labels.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [3]
+
+
+def test_judge_path_refuses_outputs_before_sending_anything(tmp_path, server):
+    from perm_lite.judge.client import JudgeConfig
+    from perm_lite.judge.run import judge_path
+    from perm_lite.outputs import TargetError
+
+    src = write_input(tmp_path, GOOD_ROWS)
+    config = JudgeConfig(base_url=server, model="judge-x", timeout=0.5, max_retries=1)
+    with pytest.raises(TargetError, match="input"):
+        judge_path(config, src, src)
+    out = tmp_path / "labels.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(TargetError, match="--overwrite"):
+        judge_path(config, src, out)
+    with pytest.raises(TargetError, match="answer cache"):
+        judge_path(config, src, tmp_path / "new.jsonl", cache_path=tmp_path / "new.jsonl.errors.jsonl")
+    assert ScriptedJudge.requests == [] and out.read_text() == "precious\n"
+    summary, client = judge_path(config, src, out, overwrite=True)
+    assert summary.records == len(GOOD_ROWS) and client.stats.calls >= 4 * len(GOOD_ROWS)
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in GOOD_ROWS]
+
+
+def test_judge_on_error_choice_is_validated_by_typer(tmp_path, server):
+    result, rows = run_judge(tmp_path, server, "--on-error", "ignore")
+    assert result.exit_code == 2 and "ignore" in result.output and rows == {}
