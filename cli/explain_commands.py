@@ -77,16 +77,16 @@ def explain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
 ) -> None:
     """Sentence-level explanations: how much each reply sentence moves every score (occlusion)."""
-    from perm_lite.explain import CHECKS
     from perm_lite.jsonl import open_input, printable, read_records
     from perm_lite.outputs import OutputWriteError
 
-    if check not in CHECKS:
-        err(f"--check must be one of {', '.join(CHECKS)}, not {check!r}")
-        raise typer.Exit(EXIT_USAGE)
     out_path = None if output == "-" else Path(output)
     _check_paths(input, out_path, overwrite)
     scorer = _scorer(model)
+    checks = (*scorer.heads.names, "combined")  # the model's perspectives, then the combined score
+    if check not in checks:
+        err(f"--check must be one of {', '.join(checks)}, not {check!r}")
+        raise typer.Exit(EXIT_USAGE)
     explanations, errors = [], 0
     try:
         with open_input(input) as source:

@@ -31,10 +31,10 @@ from perm_lite.cli.common import (
 from perm_lite.errors import PermError
 
 
-def parse_weights(text: str | None) -> dict[str, float] | None:
-    """--weights resonation=1,reception=2: known names, finite non-negative numbers, not all zero."""
-    from perm_lite.scales import EMPATHY
-
+def parse_weights(text: str | None, known: tuple[str, ...] | None = None) -> dict[str, float] | None:
+    """--weights resonation=1,reception=2: finite non-negative numbers, not all zero. The names
+    are checked by the Scorer against the model's perspectives (`OptionError`, exit 2); `known`
+    checks them here too (the Ray engine, whose Scorers load only on the actors)."""
     if not text:
         return None
     try:
@@ -43,8 +43,8 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
         raise fail(f"--weights: {exc.message}", EXIT_USAGE) from None
     weights = {}
     for name, value in pairs.items():
-        if name not in EMPATHY:
-            raise fail(f"--weights: unknown perspective {name!r}; weights apply to {', '.join(EMPATHY)}", EXIT_USAGE)
+        if known is not None and name not in known:
+            raise fail(f"--weights: unknown perspective {name!r}; weights apply to {', '.join(known)}", EXIT_USAGE)
         try:
             number = float(value)
         except ValueError:
@@ -118,7 +118,7 @@ def score(
     unknown = set(field_map) - set(KNOWN_FIELDS)
     if unknown:
         raise fail(f"--fields: unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}", 2)
-    weight_map = parse_weights(weights)
+    weight_map = parse_weights(weights, _ray_weight_names() if engine is EngineChoice.ray else None)
     bystander_coef = finite(bystander_coef, "--bystander-coef")
     if engine is EngineChoice.ray and explain:
         raise fail("--explain runs with the local engine only", EXIT_USAGE)
@@ -227,6 +227,13 @@ def score(
         raise typer.Exit(EXIT_STOPPED)
     if summary.errors:
         raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+def _ray_weight_names() -> tuple[str, ...]:
+    """The perspectives --weights may name on Ray (checked here: the actors' Scorers load late)."""
+    from perm_lite.scales import EMPATHY
+
+    return EMPATHY
 
 
 def _explainer(scorer, k: int):
