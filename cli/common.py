@@ -3,7 +3,6 @@ the progress bar and the choices of enumerated options."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -59,13 +58,6 @@ def parse_mapping(text: str | None, option: str) -> dict[str, str]:
             raise typer.BadParameter(f"expected name=value pairs separated by commas, got {item!r}", param_hint=option)
         out[key.strip()] = value.strip()
     return out
-
-
-def finite(value: float, option: str) -> float:
-    """A finite float, or a one-line usage error (NaN and infinity would poison every score)."""
-    if not math.isfinite(value):
-        raise fail(f"{option} must be a finite number, got {value}", EXIT_USAGE)
-    return value
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,20 +20,19 @@ from perm_lite.cli.common import (
     ProviderChoice,
     err,
     fail,
-    finite,
     library_error,
     max_batch_tokens_option,
     parse_mapping,
     progress_bar,
 )
 
-from perm_lite.errors import PermError
+from perm_lite.errors import OptionError, PermError
+from perm_lite.reward import Reward
 
 
-def parse_weights(text: str | None, known: tuple[str, ...] | None = None) -> dict[str, float] | None:
-    """--weights resonation=1,reception=2: finite non-negative numbers, not all zero. The names
-    are checked by the Scorer against the model's perspectives (`OptionError`, exit 2); `known`
-    checks them here too (the Ray engine, whose Scorers load only on the actors)."""
+def parse_weights(text: str | None) -> dict[str, float] | None:
+    """--weights resonation=1,reception=2 as numbers; names and values are checked by the
+    library against the model's perspectives (`OptionError`: exit 2)."""
     if not text:
         return None
     try:
@@ -43,17 +41,10 @@ def parse_weights(text: str | None, known: tuple[str, ...] | None = None) -> dic
         raise fail(f"--weights: {exc.message}", EXIT_USAGE) from None
     weights = {}
     for name, value in pairs.items():
-        if known is not None and name not in known:
-            raise fail(f"--weights: unknown perspective {name!r}; weights apply to {', '.join(known)}", EXIT_USAGE)
         try:
-            number = float(value)
+            weights[name] = float(value)
         except ValueError:
             raise fail(f"--weights {name}={value!r}: not a number", EXIT_USAGE) from None
-        if not math.isfinite(number) or number < 0:
-            raise fail(f"--weights {name}={value!r}: must be a finite number >= 0", EXIT_USAGE)
-        weights[name] = number
-    if not any(weights.values()):
-        raise fail("--weights: at least one weight must be above 0", EXIT_USAGE)
     return weights
 
 
@@ -118,15 +109,17 @@ def score(
     unknown = set(field_map) - set(KNOWN_FIELDS)
     if unknown:
         raise fail(f"--fields: unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}", 2)
-    weight_map = parse_weights(weights, _ray_weight_names() if engine is EngineChoice.ray else None)
-    bystander_coef = finite(bystander_coef, "--bystander-coef")
+    try:  # checked before anything loads; the weights' names again against the model's heads
+        reward = Reward.from_settings(
+            combine=combine.value, weights=parse_weights(weights), bystander_coef=bystander_coef
+        )
+    except OptionError as exc:
+        raise fail(f"{'--weights' if 'weight' in str(exc) else '--bystander-coef'}: {exc}", EXIT_USAGE) from None
     if engine is EngineChoice.ray and explain:
         raise fail("--explain runs with the local engine only", EXIT_USAGE)
     if engine is EngineChoice.ray:
         options = {
-            "combine": combine.value,
-            "bystander_coef": bystander_coef,
-            "weights": weight_map,
+            "reward": reward,
             "max_batch_tokens": max_batch_tokens,
         }
         _score_on_ray(
@@ -165,9 +158,7 @@ def score(
             threads=threads,
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens_option(max_batch_tokens),
-            combine=combine.value,
-            weights=weight_map,
-            bystander_coef=bystander_coef,
+            reward=reward,
             cache_dir=cache_dir,
         )
     except KeyboardInterrupt:
@@ -227,13 +218,6 @@ def score(
         raise typer.Exit(EXIT_STOPPED)
     if summary.errors:
         raise typer.Exit(EXIT_RECORD_ERRORS)
-
-
-def _ray_weight_names() -> tuple[str, ...]:
-    """The perspectives --weights may name on Ray (checked here: the actors' Scorers load late)."""
-    from perm_lite.scales import EMPATHY
-
-    return EMPATHY
 
 
 def _explainer(scorer, k: int):

@@ -83,6 +83,25 @@ class Reward:
             return PERM_HEADS
         return self.heads
 
+    @classmethod
+    def from_settings(
+        cls,
+        reward: Reward | None = None,
+        *,
+        combine: str | None = None,
+        weights: Mapping[str, float] | None = None,
+        bystander_coef: float | None = None,
+    ) -> Reward:
+        """`reward`, or a Reward with these settings (PERM's defaults for what is None);
+        giving both is an `OptionError` (one of them would be ignored)."""
+        settings = {"combine": combine, "weights": weights, "bystander_coef": bystander_coef}
+        given = [k for k, v in settings.items() if v is not None]
+        if reward is not None:
+            if given:
+                raise OptionError(f"give reward=Reward(...) or {', '.join(given)}, not both")
+            return reward
+        return cls(combine or "harmonic", weights, 0.5 if bystander_coef is None else bystander_coef)
+
     def bind(self, heads: Heads) -> Reward:
         """The same settings for a model with these heads; a weight naming a perspective
         that is not one of its empathy heads is an `OptionError`."""

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from perm_lite.errors import OptionError
 from perm_lite.inference import Engine, check_batching
 from perm_lite.model_dir import DEFAULT_MODEL, load_model_session, load_model_tokenizer, read_config, resolve_model
 from perm_lite.records import Dialogue, RecordError, parse_record
@@ -92,16 +91,7 @@ class Scorer:
         cache_dir: str | None = None,
         revision: str | None = None,
     ) -> None:
-        settings = {"combine": combine, "weights": weights, "bystander_coef": bystander_coef}
-        if reward is not None and any(v is not None for v in settings.values()):
-            given = ", ".join(k for k, v in settings.items() if v is not None)
-            raise OptionError(f"give reward=Reward(...) or {given}, not both")
-        if reward is None:
-            reward = Reward(
-                mode=combine or "harmonic",
-                weights=weights,
-                bystander_coef=0.5 if bystander_coef is None else bystander_coef,
-            )
+        reward = Reward.from_settings(reward, combine=combine, weights=weights, bystander_coef=bystander_coef)
         check_batching(batch_size, None if max_batch_tokens == "auto" else max_batch_tokens)
         self.config = read_config(resolve_model(model if str(model) else DEFAULT_MODEL, cache_dir, revision))
         self.heads = self.config.heads

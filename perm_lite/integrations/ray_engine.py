@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from perm_lite.errors import OptionError, PermError
+from perm_lite.reward import Reward
 
 
 @dataclass
@@ -100,7 +101,9 @@ def run(
     options = check_scorer_options(scorer_options)
     # The model is checked here, on the driver: a bad name or directory is one line, not an
     # actor that fails to start on every worker.
-    read_config(resolve_model(model, options.get("cache_dir"), options.get("revision")))
+    config = read_config(resolve_model(model, options.get("cache_dir"), options.get("revision")))
+    reward_options = {k: options.get(k) for k in ("combine", "weights", "bystander_coef")}
+    Reward.from_settings(options.get("reward"), **reward_options).bind(config.heads)  # weights vs its heads
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     with warnings.catch_warnings(record=True) as caught:
