@@ -4,6 +4,7 @@ Scores are compared between engines (Ray against the local engine, same model), 
 against fixed values; the runs use the tiny test model, except the README's own snippet,
 which runs as written (the shipped model)."""
 
+import contextlib
 import json
 import os
 import re
@@ -40,14 +41,23 @@ CPUS = 2
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     pid_dir = tmp_path_factory.mktemp("pids")
-    ray.init(
-        num_cpus=CPUS,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PERM_LITE_RAY_PID_DIR": str(pid_dir)}},
-    )
+    # Ray puts the driver's working directory first on its workers' sys.path: started from
+    # the checkout, they would import its perm_lite/ (no cli, no models), not the installed one.
+    with contextlib.chdir(tmp_path_factory.mktemp("ray-cwd")):
+        ray.init(
+            num_cpus=CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PERM_LITE_RAY_PID_DIR": str(pid_dir)}},
+        )
     yield pid_dir
     ray.shutdown()
+
+
+def test_workers_import_the_package_under_test(cluster):
+    import perm_lite
+
+    assert ray.get(ray.remote(lambda: __import__("perm_lite").__file__).remote()) == perm_lite.__file__
 
 
 def strict(text: str):
@@ -252,6 +262,7 @@ def test_readme_read_json_snippet_finishes_or_refuses_quickly(cluster, tmp_path)
     try:
         proc = subprocess.run(
             [sys.executable, "-P", "-c", DRIVER, address, json.dumps(variants)],
+            cwd=tmp_path,  # not the checkout: this driver's job's workers get its cwd on sys.path
             capture_output=True,
             text=True,
             timeout=300,
@@ -358,7 +369,7 @@ def test_cli_passes_scoring_options_to_the_actors(cluster, tmp_path, tiny_model_
     assert settings, "no actor started"
     for s in settings:
         assert (s["threads"], s["batch_size"], s["provider"]) == (2, 3, "cpu")
-        assert s["cache_dir"] == str(cache) and s["combine"] == "mean"
+        assert s["cache_dir"] == str(cache) and "mode='mean'" in s["reward"]  # the CLI's Reward, whole
     assert "1 actors x 2 threads" in result.output  # sized from the cluster: one 2-thread actor on 2 CPUs
     rows = [strict(x) for x in (tmp_path / "out" / "in.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in EXAMPLES]
