@@ -10,13 +10,21 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perm_lite.errors import ModelError
 from perm_lite.scales import BYSTANDER, EMPATHY, PERSPECTIVES, SCALES, Heads
 from perm_lite.text import TEMPLATE_VERSION
 
 CONFIG_NAME = "config.json"
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from perm_lite.providers import Provider
+    from perm_lite.session import OrtProviders
+
 FORMAT = "perm-lite-model/1"
 DEFAULT_MODEL = "perm-lite-minilm"
 GENERATED_FIELDS = ("files", "format", "template")
@@ -50,7 +58,7 @@ class Calibration:
     raw: tuple[float, ...]
     score: tuple[float, ...]
 
-    def apply(self, values, low: float, high: float):
+    def apply(self, values: np.ndarray, low: float, high: float) -> np.ndarray:
         import numpy as np
 
         raw, score = np.asarray(self.raw), np.asarray(self.score)
@@ -307,7 +315,7 @@ def _first_line(exc: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
 
 
-def load_model_tokenizer(config: ModelConfig):
+def load_model_tokenizer(config: ModelConfig) -> Tokenizer:
     """The model's tokenizer; a file that is not a usable BERT-style tokenizer is a `ModelError`."""
     from perm_lite.text import SpecialTokens, load_tokenizer
 
@@ -324,8 +332,8 @@ def load_model_tokenizer(config: ModelConfig):
 class LoadedSession:
     """An onnxruntime session on a model file, the provider it runs on and the variant."""
 
-    session: Any
-    provider: Any  # perm_lite.providers.Provider
+    session: ort.InferenceSession
+    provider: Provider
     variant: str
 
 
@@ -334,7 +342,7 @@ def load_model_session(
     variant: str = "auto",
     provider: str = "auto",
     threads: int | None = None,
-    ort_providers: Any = None,
+    ort_providers: OrtProviders | None = None,
 ) -> LoadedSession:
     """Open the model on a provider (see `session.create_session`). `variant="auto"`
     takes the one the provider prefers (the provider table). A file onnxruntime cannot
@@ -347,7 +355,7 @@ def load_model_session(
         raise ModelError(f"{config.name} has no variant {variant!r} (it has {', '.join(config.variants)})")
     chosen: list[str] = []
 
-    def path_for(candidate) -> Path:
+    def path_for(candidate: Provider) -> Path:
         chosen.append(candidate.pick_variant(config.variants) if variant == "auto" else variant)
         return config.variant_path(chosen[-1])
 

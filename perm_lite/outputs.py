@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from perm_lite.errors import PermError
+from perm_lite.errors import OptionError, PermError
 
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ class OutputFile:
 
     def __init__(self, path: str | os.PathLike, mode: str, *, publish_empty: bool = True) -> None:
         if mode not in ("new", "append", "replace"):
-            raise ValueError(f"unknown output mode {mode!r}")
+            raise OptionError(f"unknown output mode {mode!r}; choose new, append or replace")
         self.path = Path(path)
         self.mode = mode
         self.publish_empty = publish_empty

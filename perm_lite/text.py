@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from perm_lite.errors import OptionError
+from perm_lite.errors import ModelError, OptionError
 from perm_lite.records import Dialogue
 
 TEMPLATE_VERSION = "perm-input-v1"
@@ -84,7 +84,7 @@ class SpecialTokens:
         ids = {name: tokenizer.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
         missing = [name for name, value in ids.items() if value is None]
         if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}; perm-lite expects a BERT-style vocabulary")
+            raise ModelError(f"tokenizer lacks special tokens {missing}; perm-lite expects a BERT-style vocabulary")
         return cls(ids["[CLS]"], ids["[SEP]"], ids["[PAD]"])
 
 

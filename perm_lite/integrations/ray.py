@@ -30,12 +30,16 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perm_lite import providers as provider_table
 from perm_lite.errors import OptionError, PermError
 from perm_lite.records import RecordError, parse_record
 from perm_lite.scales import PERSPECTIVES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+    import ray
 
 RETRY_ARGS = {"max_restarts": -1, "max_task_retries": -1}  # a killed actor restarts; its batch is retried
 # Scorer options the actors set themselves (threads from threads_per_worker, batch size
@@ -95,7 +99,7 @@ class ScoreRows(_ActorScorer):
     """map_batches callable: pyarrow batch of records in -> same columns + score columns out.
     A row that cannot be parsed or scored gets its reason in `perm_error`; the others are scored."""
 
-    def __call__(self, batch):
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         from perm_lite.batch import score_isolated
@@ -144,7 +148,7 @@ class ScoreLines(_ActorScorer):
     both as the local engine writes them; a line that cannot be read, parsed, scored or
     written is that line's error and never costs another."""
 
-    def __call__(self, batch):
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         from perm_lite.batch import score_isolated
@@ -230,7 +234,7 @@ def _task_cpus(args: Mapping[str, Any]) -> float:
     return 1.0 if cpus is None else float(cpus)  # Ray Data's default for read and map tasks
 
 
-def pending_cpus(ds) -> tuple[float, float]:
+def pending_cpus(ds: ray.data.Dataset) -> tuple[float, float]:
     """(CPU slots one task of the dataset's pending operators needs, CPU slots its own actor
     pools hold) from the dataset's logical plan: (0, 0) for data already in memory
     (`from_items`, `from_arrow`, a materialized dataset); (1, 0) for `read_json` and
@@ -426,7 +430,7 @@ def _map_options(
 
 
 def score_dataset(
-    ds,
+    ds: ray.data.Dataset,
     *,
     model: str = "default",
     workers: int | None = None,
