@@ -83,7 +83,7 @@ def explain(
     out_path = None if output == "-" else Path(output)
     _check_paths(input, out_path, overwrite)
     scorer = _scorer(model)
-    checks = (*scorer.heads.names, "combined")  # the model's perspectives, then the combined score
+    checks = scorer.heads.checks  # the model's perspectives, then the combined score
     if check not in checks:
         err(f"--check must be one of {', '.join(checks)}, not {check!r}")
         raise typer.Exit(EXIT_USAGE)

@@ -98,7 +98,7 @@ def score(
     from perm_lite.batch import ScoreRun
     from perm_lite.jsonl import count_lines, printable
     from perm_lite.outputs import OutputWriteError, StreamSink
-    from perm_lite.records import KNOWN_FIELDS
+    from perm_lite.records import check_field_map
     from perm_lite.scorer import Scorer
 
     on_error_mode = on_error.value
@@ -106,15 +106,17 @@ def score(
         field_map = parse_mapping(fields, "--fields")
     except typer.BadParameter as exc:
         raise fail(f"--fields: {exc.message}", EXIT_USAGE) from None
-    unknown = set(field_map) - set(KNOWN_FIELDS)
-    if unknown:
-        raise fail(f"--fields: unknown perm-lite fields {sorted(unknown)}; known: {', '.join(KNOWN_FIELDS)}", 2)
+    try:
+        field_map = check_field_map(field_map)
+    except OptionError as exc:
+        raise fail(f"--fields: {exc}", EXIT_USAGE) from None
     try:  # checked before anything loads; the weights' names again against the model's heads
         reward = Reward.from_settings(
             combine=combine.value, weights=parse_weights(weights), bystander_coef=bystander_coef
         )
     except OptionError as exc:
-        raise fail(f"{'--weights' if 'weight' in str(exc) else '--bystander-coef'}: {exc}", EXIT_USAGE) from None
+        flag = {"weights": "--weights", "bystander_coef": "--bystander-coef"}.get(exc.option or "", "--combine")
+        raise fail(f"{flag}: {exc}", EXIT_USAGE) from None
     if engine is EngineChoice.ray and explain:
         raise fail("--explain runs with the local engine only", EXIT_USAGE)
     if engine is EngineChoice.ray:

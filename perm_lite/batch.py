@@ -33,8 +33,8 @@ from perm_lite.jsonl import (
     printable,
 )
 from perm_lite.outputs import TargetError, default_errors_path, plan_outputs
-from perm_lite.records import Dialogue, RecordError
-from perm_lite.runner import Outcome, Sink, Written, check_on_error, run_chunks
+from perm_lite.records import Dialogue, RecordError, check_field_map
+from perm_lite.runner import Outcome, Sink, Written, check_chunk_size, check_on_error, run_chunks
 from perm_lite.scorer import Result, Scorer
 
 
@@ -209,6 +209,8 @@ class ScoreRun:
                     f"input {self.input_path} is a directory; give a JSONL file (or --engine ray for directories)"
                 )
         out = None if output_path is None or os.fspath(output_path) == "-" else Path(output_path)
+        if resume and overwrite:
+            raise OptionError("give --resume (continue OUTPUT) or --overwrite (replace it), not both")
         if out is None and resume:
             raise OptionError("--resume needs an output file (-o OUT.jsonl), not stdout")
         self.output_path = out
@@ -248,6 +250,8 @@ class ScoreRun:
         as it was. Any exception (`OutputWriteError`, an unreadable input, the model failing
         on every record) aborts the outputs the same way and is raised."""
         check_on_error(on_error)
+        field_map = check_field_map(field_map)
+        check_chunk_size(chunk_size)
         with open_input(self.input_path) as source:
             return self.plan.run(
                 lambda sink, errors_sink: score_file(

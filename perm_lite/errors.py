@@ -14,4 +14,9 @@ class ProviderError(PermError):
 
 
 class OptionError(PermError, ValueError):
-    """An argument with a value perm-lite cannot use (the message names it and the choices)."""
+    """An argument with a value perm-lite cannot use (the message names it and the choices);
+    `option` is the argument's name where one argument is at fault."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option

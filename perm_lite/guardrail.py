@@ -13,6 +13,7 @@ to `max_attempts` times and return the best draft's verdict with every attempt i
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class GuardrailFailed(PermError):
         self.verdict = verdict
 
 
-def validate_thresholds(thresholds: Mapping[str, float], checks: Sequence[str]) -> dict[str, float]:
+def _validate_thresholds(thresholds: Mapping[str, float], checks: Sequence[str]) -> dict[str, float]:
     """Thresholds as floats; each names one of `checks` (a model's heads and "combined")."""
     if not thresholds:
         raise OptionError("give at least one threshold, e.g. {'reception': 2.5} or {'combined': 0.3}")
@@ -66,8 +67,8 @@ def validate_thresholds(thresholds: Mapping[str, float], checks: Sequence[str]) 
         raise OptionError(f"unknown threshold {', '.join(unknown)}; choose from {', '.join(checks)}")
     out = {}
     for name, value in thresholds.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise OptionError(f"threshold {name} must be a number, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise OptionError(f"threshold {name} must be a finite number, not {value!r}", "thresholds")
         out[name] = float(value)
     return out
 
@@ -112,7 +113,7 @@ class Guardrail:
         if max_attempts < 1:
             raise OptionError("max_attempts must be at least 1")
         self.scorer = scorer or Scorer()
-        self.thresholds = validate_thresholds(thresholds, self.scorer.heads.checks)
+        self.thresholds = _validate_thresholds(thresholds, self.scorer.heads.checks)
         self.on_fail, self.regenerate, self.max_attempts = on_fail, regenerate, max_attempts
 
     def verdict(self, result: Result, response: str, latency_ms: float, attempt: int = 1) -> Verdict:

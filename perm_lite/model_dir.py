@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "perm-lite-model/1"
 DEFAULT_MODEL = "perm-lite-minilm"
 GENERATED_FIELDS = ("files", "format", "template")
+RESERVED_NAMES = ("combined", "truncated", "error")  # output names a perspective would collide with
 VARIANTS = ("int8", "fp32", "fp16")  # the ONNX variants a model directory may hold
 MAX_LENGTH_RANGE = (16, 512)  # tokens per record; the MiniLM encoder has 512 positions
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -93,7 +94,7 @@ class ModelConfig:
         return self.path / self.variants[variant]
 
     def editable_fields(self) -> dict[str, Any]:
-        """The config without what `write_config` regenerates (hashes, format, scales...)."""
+        """The config without what `write_config` regenerates (hashes, format, template)."""
         return {k: v for k, v in self.raw.items() if k not in GENERATED_FIELDS}
 
 
@@ -152,8 +153,12 @@ def _check_perspectives(data: dict, cfg_path: Path) -> tuple[str, ...]:
         raise ModelError(f"{cfg_path}: 'perspectives' must be a non-empty list of names")
     if len(set(value)) != len(value):
         raise ModelError(f"{cfg_path}: 'perspectives' lists a name twice ({value})")
-    if "combined" in value:
-        raise ModelError(f"{cfg_path}: 'combined' is the reward's name; a perspective must be called otherwise")
+    reserved = sorted(set(value) & set(RESERVED_NAMES))
+    if reserved:
+        raise ModelError(
+            f"{cfg_path}: {reserved} cannot name a perspective ('combined' is the reward; Ray writes "
+            "perm_<perspective>, perm_combined, perm_truncated and perm_error columns)"
+        )
     return tuple(value)
 
 
@@ -196,8 +201,10 @@ def _check_heads(data: dict, scales: dict[str, tuple[float, float]], cfg_path: P
             raise ModelError(f"{cfg_path}: reward.empathy head {name!r} needs a scale above 0 (it is divided by)")
     if len(set(empathy)) != len(empathy):
         raise ModelError(f"{cfg_path}: 'reward.empathy' lists a name twice")
-    if bystander is not None and (bystander not in scales or bystander in empathy):
+    if bystander is not None and (not isinstance(bystander, str) or bystander not in scales or bystander in empathy):
         raise ModelError(f"{cfg_path}: reward.bystander {bystander!r} must be a perspective not in reward.empathy")
+    if bystander is not None and scales[bystander][1] <= 0:
+        raise ModelError(f"{cfg_path}: reward.bystander head {bystander!r} needs a scale whose top is above 0")
     return Heads.from_scales(scales, tuple(empathy), bystander)
 
 
@@ -387,11 +394,12 @@ def write_config(model_dir: Path, config: dict[str, Any]) -> Path:
     """Write `config.json`, recording the sha256 of the tokenizer and every variant."""
     model_dir = Path(model_dir)
     names = [config["tokenizer"], *config["variants"].values()]
+    perspectives = config.get("perspectives", list(PERSPECTIVES))  # PERM's heads unless it names others
     config = {
         "format": FORMAT,
         "template": TEMPLATE_VERSION,
-        "perspectives": list(PERSPECTIVES),  # PERM's heads unless the config names others
-        "scales": {k: list(v) for k, v in SCALES.items()},
+        "perspectives": perspectives,
+        "scales": {k: list(SCALES[k]) for k in perspectives if k in SCALES},
         **config,
         "files": {name: sha256_file(model_dir / name) for name in names},
     }

@@ -3,8 +3,9 @@
 A `Provider` names an onnxruntime execution provider, the ONNX variants it runs best
 (best first), its default padded-token budget per batch, whether it needs a GPU (Ray
 sizes actors by it) and what to install when it is missing. `Scorer(provider=...)`,
-`perm score --provider`, serve and Ray look providers up here; `session.py` opens
-sessions with them. Adding a provider is one `register(Provider(...))` call.
+serve and Ray look providers up here (the CLI's `--provider` offers the built-in ones);
+`session.py` opens sessions with them. Adding a provider is one `register(Provider(...))`
+call.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ AUTO = "auto"
 
 def register(provider: Provider) -> None:
     """Add (or replace) a provider; "auto" tries GPU providers before CPU ones."""
+    if not isinstance(provider, Provider):
+        raise OptionError(f"register a perm_lite.providers.Provider, not {type(provider).__name__}", "provider")
     if provider.name == AUTO:
-        raise OptionError("'auto' is reserved: it means the best provider that runs here")
+        raise OptionError("'auto' is reserved: it means the best provider that runs here", "provider")
+    if not provider.variants:
+        raise OptionError(f"provider {provider.name!r} lists no ONNX variants", "provider")
     PROVIDERS[provider.name] = provider
 
 
@@ -71,13 +76,12 @@ def get(name: str) -> Provider:
     try:
         return PROVIDERS[name]
     except (KeyError, TypeError):
-        raise OptionError(f"unknown provider {name!r}; choose one of {', '.join(names())}") from None
+        raise OptionError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}", "provider") from None
 
 
 def auto_order() -> list[Provider]:
     """Providers "auto" tries, best first: GPU providers, then the others, CPU last."""
-    ranked = sorted(PROVIDERS.values(), key=lambda p: (not p.gpu, p is CPU))
-    return ranked
+    return sorted(PROVIDERS.values(), key=lambda p: (not p.gpu, p.name == CPU.name))
 
 
 def for_ort_name(ort_name: str) -> Provider:

@@ -7,9 +7,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from perm_lite.errors import PermError
+from perm_lite.errors import OptionError, PermError
 
 KNOWN_FIELDS = ("id", "response", "analysis", "persona", "scenario", "query", "messages", "completion")
+
+
+def check_field_map(field_map: Mapping[str, str] | None) -> dict[str, str]:
+    """A field map {perm-lite field: the input's name for it}; an unknown perm-lite field is
+    an `OptionError` (it would be ignored)."""
+    mapping = dict(field_map or {})
+    unknown = sorted(map(str, set(mapping) - set(KNOWN_FIELDS)))
+    if unknown:
+        raise OptionError(f"unknown perm-lite fields {unknown}; known: {', '.join(KNOWN_FIELDS)}", "fields")
+    return mapping
+
 
 _HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]*(analysis|response)[ \t]*:?[ \t]*$", re.IGNORECASE | re.MULTILINE)
 

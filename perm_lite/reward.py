@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from typing import Any
 
 from perm_lite.errors import OptionError
@@ -21,12 +22,27 @@ from perm_lite.scales import PERM_HEADS, Heads
 COMBINE_MODES = ("harmonic", "mean", "geometric")
 
 
-def _number(value: Any, what: str, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise OptionError(f"{what} must be a finite number, not {value!r}")
+def _number(value: Any, what: str, option: str, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise OptionError(f"{what} must be a finite number, not {value!r}", option)
     if minimum is not None and value < minimum:
-        raise OptionError(f"{what} must be at least {minimum:g}, not {value!r}")
+        raise OptionError(f"{what} must be at least {minimum:g}, not {value!r}", option)
     return float(value)
+
+
+def _checked_weights(weights: Any) -> tuple[tuple[str, float], ...]:
+    """Weights as sorted (name, weight) pairs: finite, >= 0, not all zero."""
+    try:
+        pairs = dict(weights).items()  # a mapping, or the pairs a frozen Reward keeps
+        if not all(isinstance(name, str) for name, _ in pairs):
+            raise TypeError
+    except (TypeError, ValueError):
+        message = f"weights must map perspective names to numbers, e.g. {{'reception': 2}}, not {weights!r}"
+        raise OptionError(message, "weights") from None
+    checked = tuple(sorted((name, _number(w, f"weight of {name}", "weights", 0)) for name, w in pairs))
+    if not any(w for _, w in checked):
+        raise OptionError("weights must not all be zero", "weights")
+    return checked
 
 
 @dataclass(frozen=True)
@@ -54,18 +70,20 @@ class Reward:
 
     def __post_init__(self) -> None:
         if self.mode not in COMBINE_MODES:
-            raise OptionError(f"unknown combine mode {self.mode!r}; choose one of {', '.join(COMBINE_MODES)}")
-        object.__setattr__(self, "bystander_coef", _number(self.bystander_coef, "bystander_coef"))
-        object.__setattr__(self, "length_coef", _number(self.length_coef, "length_coef", 0))
+            raise OptionError(
+                f"unknown combine mode {self.mode!r}; choose one of {', '.join(COMBINE_MODES)}", "combine"
+            )
+        object.__setattr__(self, "bystander_coef", _number(self.bystander_coef, "bystander_coef", "bystander_coef"))
+        object.__setattr__(self, "length_coef", _number(self.length_coef, "length_coef", "length_coef", 0))
         if isinstance(self.length_limit, bool) or not isinstance(self.length_limit, int) or self.length_limit < 0:
-            raise OptionError(f"length_limit must be a whole number of tokens >= 0, not {self.length_limit!r}")
+            raise OptionError(
+                f"length_limit must be a whole number of tokens >= 0, not {self.length_limit!r}", "length_limit"
+            )
         if self.weights is not None:
-            weights = self.weights if isinstance(self.weights, Mapping) else dict(self.weights)
-            checked = tuple((str(name), _number(weights[name], f"weight of {name}", 0)) for name in weights)
-            if not any(w for _, w in checked):
-                raise OptionError("weights must not all be zero")
-            object.__setattr__(self, "weights", checked)  # pairs: a frozen Reward stays hashable
+            object.__setattr__(self, "weights", _checked_weights(self.weights))  # sorted pairs: hashable
         if self.heads is not None:
+            if not isinstance(self.heads, Heads):
+                raise OptionError(f"heads must be a perm_lite.scales.Heads, not {type(self.heads).__name__}", "heads")
             self._check_names(self.heads)
 
     def _check_names(self, heads: Heads) -> None:
@@ -73,7 +91,8 @@ class Reward:
         if unknown:
             raise OptionError(
                 f"unknown perspective {', '.join(map(repr, unknown))} in weights; weights apply to "
-                f"{', '.join(heads.empathy)}"
+                f"{', '.join(heads.empathy)}",
+                "weights",
             )
 
     @property
@@ -91,16 +110,33 @@ class Reward:
         combine: str | None = None,
         weights: Mapping[str, float] | None = None,
         bystander_coef: float | None = None,
+        length_limit: int | None = None,
+        length_coef: float | None = None,
     ) -> Reward:
         """`reward`, or a Reward with these settings (PERM's defaults for what is None);
         giving both is an `OptionError` (one of them would be ignored)."""
-        settings = {"combine": combine, "weights": weights, "bystander_coef": bystander_coef}
+        settings = {
+            "combine": combine,
+            "weights": weights,
+            "bystander_coef": bystander_coef,
+            "length_limit": length_limit,
+            "length_coef": length_coef,
+        }
         given = [k for k, v in settings.items() if v is not None]
         if reward is not None:
+            if not isinstance(reward, Reward):
+                raise OptionError(f"reward must be a perm_lite.Reward, not {type(reward).__name__}", "reward")
             if given:
-                raise OptionError(f"give reward=Reward(...) or {', '.join(given)}, not both")
+                raise OptionError(f"give reward=Reward(...) or {', '.join(given)}, not both", given[0])
             return reward
-        return cls(combine or "harmonic", weights, 0.5 if bystander_coef is None else bystander_coef)
+        defaults = cls()
+        return cls(
+            defaults.mode if combine is None else combine,
+            weights,
+            defaults.bystander_coef if bystander_coef is None else bystander_coef,
+            defaults.length_limit if length_limit is None else length_limit,
+            defaults.length_coef if length_coef is None else length_coef,
+        )
 
     def bind(self, heads: Heads) -> Reward:
         """The same settings for a model with these heads; a weight naming a perspective
@@ -108,15 +144,19 @@ class Reward:
         return self if heads == self.heads else replace(self, heads=heads)
 
     def weight_map(self) -> dict[str, float]:
-        """Weight per empathy head (1 each without weights)."""
+        """Weight per empathy head (1 each without weights), scaled so the largest is 1
+        (weighted means do not change; huge weights cannot overflow)."""
         given = dict(self.weights or ())
-        return {name: given.get(name, 0.0) if self.weights else 1.0 for name in self._heads.empathy}
+        top = max(given.values(), default=1.0)
+        return {name: given.get(name, 0.0) / top if self.weights else 1.0 for name in self._heads.empathy}
 
     def empathy(self, scores: Mapping[str, float]) -> float:
         """The empathy reward: the `mode` mean of the empathy heads, each as s/high."""
         w = self.weight_map()
         total = sum(w.values())
         x = {name: self._heads.normalise(name, scores[name]) for name in w}
+        if self.mode != "mean" and any(x[n] <= 0 for n in w if w[n] > 0):
+            raise OptionError(f"the {self.mode} mean needs empathy scores above 0, got {dict(scores)}", "scores")
         if self.mode == "mean":
             return sum(w[n] * x[n] for n in w) / total
         if self.mode == "harmonic":
@@ -140,6 +180,8 @@ class Reward:
 
     def total(self, scores: Mapping[str, float], n_tokens: int | None = None) -> float:
         """`combined` plus the length penalty when `n_tokens` is given: PERM's RL reward."""
+        if n_tokens is not None and (isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0):
+            raise OptionError(f"n_tokens must be a whole number of tokens >= 0, not {n_tokens!r}", "n_tokens")
         value = self.combined(scores)
         if self.length_coef and n_tokens is not None:
             value += self.length_penalty(n_tokens)

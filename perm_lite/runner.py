@@ -73,6 +73,13 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def check_chunk_size(chunk_size: int) -> int:
+    """Records per chunk: a whole number of at least 1 (`OptionError` otherwise)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise OptionError(f"chunk_size must be a whole number of at least 1, not {chunk_size!r}", "chunk_size")
+    return chunk_size
+
+
 def check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error must be 'skip' or 'stop', not {on_error!r}")
@@ -105,8 +112,7 @@ def run_chunks(
     check_on_error(on_error)
     if on_interrupt not in ON_INTERRUPT:
         raise OptionError(f"on_interrupt must be 'finish' or 'raise', not {on_interrupt!r}")
-    if chunk_size < 1:
-        raise OptionError(f"chunk_size must be at least 1, not {chunk_size!r}")
+    check_chunk_size(chunk_size)
     stats = RunStats()
     pending: list[ParsedLine] = []
 

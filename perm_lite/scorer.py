@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from perm_lite.errors import OptionError
 from perm_lite.inference import Engine, check_batching
 from perm_lite.model_dir import DEFAULT_MODEL, load_model_session, load_model_tokenizer, read_config, resolve_model
 from perm_lite.records import Dialogue, RecordError, parse_record
@@ -67,7 +68,8 @@ class Scorer:
             `weights` and `bystander_coef` for a `Reward` with those.
         combine: "harmonic" (PERM's default), "mean" or "geometric" for the empathy reward.
         weights: optional weights per empathy perspective (checked against the model's).
-        bystander_coef: coefficient of the bystander term `coef * (b/100 - 1)`; 0 disables it.
+        bystander_coef: coefficient of the bystander term `coef * (b/high - 1)` (PERM:
+            b/100); 0 disables it.
         cache_dir, revision: where and which revision to fetch a Hub model.
 
     `batch_size` and `max_batch_tokens` are defaults: `score`, `score_dialogues` and
@@ -143,8 +145,15 @@ class Scorer:
         batch_size: int | None = None,
         max_batch_tokens: Any = UNSET,
     ) -> Iterator[Result]:
-        """Stream results for a large iterable, in input order, holding one chunk in memory."""
-        size = chunk_size or (self.batch_size if batch_size is None else batch_size) * 16
+        """Stream results for a large iterable, in input order, holding one chunk in memory
+        (`chunk_size` records; default 16 batches)."""
+        size, _ = check_batching(self.batch_size if batch_size is None else batch_size, None)
+        if chunk_size is not None:
+            try:
+                check_batching(chunk_size, None)
+            except OptionError:
+                raise OptionError(f"chunk_size must be a whole number of at least 1, not {chunk_size!r}") from None
+        size = chunk_size or size * 16
         it = iter(records)
         offset = 0
         while chunk := list(itertools.islice(it, size)):
@@ -176,6 +185,8 @@ class Scorer:
     def results(self, dialogues: Sequence[Dialogue], encodings: Sequence[Encoding], raw: np.ndarray) -> list[Result]:
         """`Result`s from raw head outputs: calibration, the reward, token counts (the last
         step of `score_dialogues`)."""
+        if not dialogues:
+            return []
         names = self.heads.names
         calibrated = self.calibrate(raw)
         results = []

@@ -76,14 +76,22 @@ def create_session(
     (onnxruntime itself would silently fall back to CPU, so the provider in use is
     checked). `ort_providers` passes an explicit onnxruntime provider list through as is.
     """
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise OptionError(f"threads must be a whole number of at least 1, not {threads!r}")
     path_for = model_path if callable(model_path) else (lambda _provider: model_path)
     disable_telemetry()
     if ort_providers is not None:
+        if isinstance(ort_providers, str | bytes) or not isinstance(ort_providers, list | tuple):
+            raise OptionError(
+                f"providers=[...] takes a list of onnxruntime provider names, not {ort_providers!r}", "providers"
+            )
         return _explicit(path_for, provider, threads, list(ort_providers))
     available = ort.get_available_providers()
     if provider != provider_table.AUTO:
+        if provider not in provider_table.PROVIDERS:
+            raise OptionError(
+                f"unknown provider {provider!r}; choose one of {', '.join(provider_table.names())}", "provider"
+            )
         wanted = provider_table.get(provider)
         if wanted.ort_name not in available:
             raise ProviderError(
@@ -100,8 +108,7 @@ def create_session(
     skipped: list[tuple[Provider, str]] = []
     for candidate in provider_table.auto_order():
         if candidate.ort_name not in available:
-            if candidate.gpu:
-                skipped.append((candidate, f"onnxruntime has no {candidate.ort_name} here ({candidate.missing_hint})"))
+            skipped.append((candidate, f"onnxruntime has no {candidate.ort_name} here ({candidate.missing_hint})"))
             continue
         session = _open(path_for(candidate), threads, candidate)
         if session is not None:
@@ -113,10 +120,17 @@ def create_session(
 
 def _open(path: Path, threads: int | None, provider: Provider) -> ort.InferenceSession | None:
     """A session on `provider` (CPU as onnxruntime's fallback), or None when onnxruntime
-    fell back instead of running on it."""
+    fell back instead of running on it, or when a GPU provider raised while starting (a
+    missing driver or library); a model file that cannot load still raises on CPU."""
     cpu = provider_table.CPU.ort_name
     chain = [provider.ort_name] + ([] if provider.ort_name == cpu else [cpu])
-    session = ort.InferenceSession(str(path), _options(threads), providers=chain)
+    try:
+        session = ort.InferenceSession(str(path), _options(threads), providers=chain)
+    except Exception:
+        if not provider.gpu:
+            raise
+        log.debug("%s could not start", provider.ort_name, exc_info=True)
+        return None
     return session if session.get_providers()[0] == provider.ort_name else None
 
 
@@ -124,12 +138,32 @@ def _explicit(
     path_for: Callable[[Provider], Path], provider: str, threads: int | None, ort_providers: list
 ) -> tuple[ort.InferenceSession, Provider]:
     if provider != provider_table.AUTO:
-        raise OptionError("give provider= or providers=[...], not both")
+        raise OptionError("give provider= or providers=[...], not both", "providers")
     if not ort_providers:
-        raise OptionError("providers=[...] is empty; name at least one onnxruntime execution provider")
-    first = provider_table.for_ort_name(_ort_name(ort_providers[0]))
-    session = ort.InferenceSession(str(path_for(first)), _options(threads), providers=ort_providers)
-    return session, provider_table.for_ort_name(session.get_providers()[0])
+        raise OptionError("providers=[...] is empty; name at least one onnxruntime execution provider", "providers")
+    for entry in ort_providers:
+        ok = isinstance(entry, str) or (
+            isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict)
+        )
+        if not ok:
+            raise OptionError(
+                f"providers=[...] takes onnxruntime provider names or (name, options) pairs, not {entry!r}", "providers"
+            )
+    available = ort.get_available_providers()
+    missing = [_ort_name(e) for e in ort_providers if _ort_name(e) not in available]
+    if missing:
+        raise ProviderError(
+            f"onnxruntime has no {', '.join(missing)} here (it has {', '.join(available)}); "
+            "remove them from providers=[...] or install the onnxruntime build that has them"
+        )
+    first = _ort_name(ort_providers[0])
+    session = ort.InferenceSession(
+        str(path_for(provider_table.for_ort_name(first))), _options(threads), providers=list(ort_providers)
+    )
+    used = session.get_providers()[0]
+    if used != first:
+        raise ProviderError(f"providers=[...]: onnxruntime could not start {first} and fell back to {used}")
+    return session, provider_table.for_ort_name(used)
 
 
 def _hint(provider: Provider) -> str:
@@ -146,6 +180,6 @@ def _note_fallback(used: Provider, skipped: list[tuple[Provider, str]]) -> None:
     names = " and ".join(p.name.upper() for p, _ in skipped)
     reason = "; ".join(r for _, r in skipped)
     if "could not start" in reason:
-        warnings.warn(f"{names} not usable, running on {used.name.upper()}: {reason}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{names} not usable, running on {used.name.upper()}: {reason}", RuntimeWarning, stacklevel=5)
     else:
         log.info("running on %s: %s", used.name, reason)

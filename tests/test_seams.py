@@ -192,3 +192,128 @@ def test_explicit_onnxruntime_providers_pass_through(tiny_model_dir):
     assert s.max_batch_tokens == 1024  # the table's CPU budget
     with pytest.raises(OptionError, match="give provider= or providers="):
         Scorer(tiny_model_dir, provider="cpu", providers=["CPUExecutionProvider"])
+
+
+# -- hostile input to the new seams (review findings) --------------------------------------
+
+
+def test_reward_refuses_odd_weights_and_is_order_free():
+    import pickle
+
+    for bad in ("resonation", ["resonation"], 5, {1: 2.0}):
+        with pytest.raises(OptionError, match="weights must map perspective names to numbers"):
+            Reward(weights=bad)
+    with pytest.raises(OptionError, match="reward must be a perm_lite.Reward"):
+        Reward.from_settings({"mode": "mean"})
+    with pytest.raises(OptionError, match="heads must be a perm_lite.scales.Heads"):
+        Reward().bind("x")
+    a = Reward(weights={"resonation": 1, "reception": 2})
+    b = Reward(weights={"reception": 2, "resonation": 1})
+    assert a == b and hash(a) == hash(b)
+    assert pickle.loads(pickle.dumps(a)) == a
+    s = {"resonation": 3.0, "expression": 4.0, "reception": 2.0, "bystander": 50.0}
+    for mode in ("harmonic", "mean", "geometric"):  # huge weights: the same weighted mean, no overflow
+        huge = Reward(mode, {"resonation": 1e308, "expression": 1e308}).combined(s)
+        assert huge == pytest.approx(Reward(mode, {"resonation": 1, "expression": 1}).combined(s))
+    with pytest.raises(OptionError, match="needs empathy scores above 0"):
+        Reward().combined({**s, "reception": 0.0})
+    with pytest.raises(OptionError, match="n_tokens must be a whole number"):
+        Reward().total(s, "1000")
+
+
+def test_trl_reward_refuses_settings_it_would_ignore():
+    from perm_lite.integrations.trl import PermReward
+
+    with pytest.raises(OptionError, match="give reward=Reward"):
+        PermReward(reward=Reward("mean"), combine="geometric")
+
+
+def test_iter_scores_checks_its_sizes(five):
+    with pytest.raises(OptionError, match="batch_size"):
+        list(five.iter_scores([RECORD], batch_size=0))
+    with pytest.raises(OptionError, match="chunk_size"):
+        list(five.iter_scores([RECORD], chunk_size=-1))
+    assert five.results([], [], five.raw_scores([])) == []
+
+
+@pytest.mark.parametrize(
+    "reward, scales, message",
+    [
+        ({"bystander": ["bystander"]}, FIVE, "reward.bystander"),
+        ({}, {**FIVE, "bystander": [-100.0, 0.0]}, "needs a scale whose top is above 0"),
+        ({}, {**FIVE, "truncated": [1.0, 5.0]}, r"\['truncated'\] cannot name a perspective"),
+        ({"empathy": "safety"}, FIVE, "'reward.empathy' must list"),
+    ],
+)
+def test_bad_head_roles_are_model_errors(tmp_path, reward, scales, message):
+    from fixture_model import build_model_dir
+
+    with pytest.raises(ModelError, match=message):
+        Scorer(build_model_dir(tmp_path / "m", scales=scales, reward=reward or None), provider="cpu")
+
+
+def test_a_three_head_config_round_trips(tmp_path):
+    from fixture_model import build_model_dir
+
+    from perm_lite.model_dir import read_config, write_config
+
+    three = {k: FIVE[k] for k in ("resonation", "expression", "reception")}
+    d = build_model_dir(tmp_path / "m", scales=three)
+    write_config(d, read_config(d).editable_fields())
+    config = read_config(d)
+    assert config.heads.names == tuple(three) and config.heads.bystander is None
+    r = Scorer(d, provider="cpu").score_one(RECORD)
+    assert list(r.scores) == list(three)
+    assert r.combined == pytest.approx(Reward().bind(config.heads).empathy(r.scores), abs=1e-6)  # no bystander term
+
+
+def test_a_gpu_provider_that_raises_falls_back_or_is_a_provider_error(tiny_model_dir, monkeypatch):
+    import onnxruntime as ort
+
+    from perm_lite import session
+
+    real = ort.InferenceSession
+
+    def raising_cuda(path, options, providers):
+        if "CUDAExecutionProvider" in providers:
+            raise RuntimeError("libcudnn.so.9: cannot open shared object file")
+        return real(path, options, providers=providers)
+
+    monkeypatch.setattr(
+        session.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(session.ort, "InferenceSession", raising_cuda)
+    monkeypatch.setattr(session, "_warned_cpu_fallback", False)
+    with pytest.warns(RuntimeWarning, match="CUDA not usable, running on CPU"):
+        assert Scorer(tiny_model_dir, threads=1).provider == "cpu"
+    with pytest.raises(ProviderError, match="--provider cuda cannot run: onnxruntime lists CUDAExecutionProvider"):
+        Scorer(tiny_model_dir, provider="cuda")
+
+
+def test_explicit_providers_are_checked(tiny_model_dir):
+    with pytest.raises(ProviderError, match="onnxruntime has no NoSuchExecutionProvider here"):
+        Scorer(tiny_model_dir, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(OptionError, match=r"providers=\[...\] takes a list"):
+        Scorer(tiny_model_dir, providers="CPUExecutionProvider")
+    for bad in ([None], [["CPUExecutionProvider", {}]], ["CPUExecutionProvider", 1]):
+        with pytest.raises(OptionError, match=r"providers=\[...\] takes onnxruntime provider names"):
+            Scorer(tiny_model_dir, providers=bad)
+    with pytest.raises(OptionError, match="is empty"):
+        Scorer(tiny_model_dir, providers=[])
+
+
+def test_score_path_refuses_options_before_writing(tiny_model_dir, tmp_path):
+    from perm_lite.batch import score_path
+
+    scorer = Scorer(tiny_model_dir, provider="cpu", threads=1)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(RECORD) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(OptionError, match="chunk_size must be a whole number"):
+        score_path(scorer, src, out, chunk_size=0)
+    with pytest.raises(OptionError, match=r"unknown perm-lite fields \['nope'\]"):
+        score_path(scorer, src, out, field_map={"nope": "x"})
+    with pytest.raises(OptionError, match="not both"):
+        score_path(scorer, src, out, resume=True, overwrite=True)
+    assert not out.exists()
+    assert score_path(scorer, src, out).scored == 1

@@ -147,11 +147,11 @@ class PermReward(_PermRewardBase):
         self,
         model: str = "default",
         *,
-        combine: str = "harmonic",
+        combine: str | None = None,
         weights: Mapping[str, float] | None = None,
-        bystander_coef: float = 0.5,
-        length_limit: int = 768,
-        length_coef: float = 0.001,
+        bystander_coef: float | None = None,
+        length_limit: int | None = None,
+        length_coef: float | None = None,
         reward: Reward | None = None,
         tokenizer: Callable[[str], int] | None = None,
         provider: str = "auto",
@@ -160,7 +160,14 @@ class PermReward(_PermRewardBase):
         name: str = "perm",
     ) -> None:
         super().__init__(model, provider, threads, batch_size)
-        reward = reward or Reward(combine, weights, bystander_coef, length_limit, length_coef)  # fails fast
+        reward = Reward.from_settings(  # fails fast; PERM's defaults (harmonic, 0.5, 768, 0.001)
+            reward,
+            combine=combine,
+            weights=weights,
+            bystander_coef=bystander_coef,
+            length_limit=length_limit,
+            length_coef=length_coef,
+        )
         self.settings = reward.bind(self.scorer.heads)  # weights checked against the model's heads
         self.tokenizer = tokenizer
         self.__name__ = name

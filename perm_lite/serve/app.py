@@ -551,7 +551,7 @@ def create_app(
             "name": c.name,
             "version": c.version,
             "perspectives": list(scorer.heads.names),
-            "scales": {p: list(r) for p, r in zip(scorer.heads.names, scorer.heads.ranges)},
+            "scales": {p: list(r) for p, r in scorer.heads.scales.items()},
             "reward": scorer.reward.to_dict(),
             "max_length": c.max_length,
             "provider": scorer.provider,
