@@ -79,9 +79,7 @@ class ModelConfig:
     path: Path
     name: str
     version: str
-    perspectives: tuple[str, ...]
-    scales: dict[str, tuple[float, float]]
-    heads: Heads  # perspectives, scales and their roles in the reward
+    heads: Heads  # perspectives (in output order), their scales and roles in the reward
     max_length: int
     template: str
     tokenizer: str
@@ -304,8 +302,6 @@ def read_config(model_dir: Path, verify: bool = True) -> ModelConfig:
         path=model_dir,
         name=name,
         version=version,
-        perspectives=perspectives,
-        scales=scales,
         heads=heads,
         max_length=max_length,
         template=template,
@@ -380,11 +376,11 @@ def load_model_session(
     if (
         "input_ids" not in inputs
         or not inputs <= set(MODEL_INPUTS)
-        or (isinstance(width, int) and width != len(config.perspectives))
+        or (isinstance(width, int) and width != len(config.heads.names))
     ):
         raise ModelError(
             f"{path}: not a perm-lite model graph (inputs {sorted(inputs)}, expected {list(MODEL_INPUTS)} "
-            f"and one output of {len(config.perspectives)} scores, one per perspective in {CONFIG_NAME}; "
+            f"and one output of {len(config.heads.names)} scores, one per perspective in {CONFIG_NAME}; "
             f"the graph gives {width})"
         )
     return LoadedSession(session, used, chosen[-1])

@@ -40,6 +40,12 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "base_model": config.raw.get("base_model", "unknown"),
         "max_length": config.max_length,
         "template": config.template,
+        "perspectives": {
+            name: f"{low:g}-{high:g}"
+            + (" (empathy reward)" if name in config.heads.empathy else "")
+            + (" (bystander term)" if name == config.heads.bystander else "")
+            for name, (low, high) in config.heads.scales.items()
+        },
         "variants": dict(config.variants),
         "calibrated_heads": sorted(config.calibration),
         "files": {

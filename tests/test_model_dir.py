@@ -275,7 +275,7 @@ def test_valid_fields_still_load(tiny_model_dir, tmp_path):
         config = read_config(model)
         assert config.max_length == max_length and set(config.calibration) == {"resonation", "bystander"}
     _edit(model, scales=_DROP)  # optional: the PERM scales
-    assert read_config(model).scales["bystander"] == (0.0, 100.0)
+    assert read_config(model).heads.scale("bystander") == (0.0, 100.0)
     scorer = Scorer(model, provider="cpu", threads=1)
     result = scorer.score_one(query="I lost my job", response="I am so sorry, that sounds hard")
     assert set(result.scores) == {"resonation", "expression", "reception", "bystander"}
