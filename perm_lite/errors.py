@@ -20,3 +20,11 @@ class OptionError(PermError, ValueError):
     def __init__(self, message: str, option: str | None = None) -> None:
         super().__init__(message)
         self.option = option
+
+
+def require_count(value: object, option: str) -> int:
+    """`value` as a count (a whole number of at least 1, not a bool), else an `OptionError`
+    naming `option`: batch sizes, chunk sizes, threads."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionError(f"{option} must be a whole number of at least 1, not {value!r}", option)
+    return value

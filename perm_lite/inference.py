@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from perm_lite.errors import OptionError
+from perm_lite.errors import OptionError, require_count
 from perm_lite.text import Encoding, pad_batch
 
 
 def check_batching(batch_size: Any, max_tokens: Any) -> tuple[int, int | None]:
     """`batch_size` a whole number >= 1; `max_tokens` one too, or None (no budget)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise OptionError(f"batch_size must be a whole number of at least 1, not {batch_size!r}", "batch_size")
+    require_count(batch_size, "batch_size")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise OptionError(
             f"max_batch_tokens must be a positive whole number or None, not {max_tokens!r}", "max_batch_tokens"

@@ -72,11 +72,14 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Provider:
-    """The provider called `name` (not "auto"); an unknown name is an `OptionError`."""
+    """The provider called `name`; an unknown name is an `OptionError` listing what
+    `provider=` accepts. "auto" is no one provider: it is resolved by `session.create_session`."""
+    if name == AUTO:
+        raise OptionError("'auto' is not one provider: it picks the best provider that runs here", "provider")
     try:
         return PROVIDERS[name]
     except (KeyError, TypeError):
-        raise OptionError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}", "provider") from None
+        raise OptionError(f"unknown provider {name!r}; choose one of {', '.join(names())}", "provider") from None
 
 
 def auto_order() -> list[Provider]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple, Protocol
 
-from perm_lite.errors import OptionError
+from perm_lite.errors import OptionError, require_count
 from perm_lite.jsonl import ParsedLine, error_line, error_record, read_records
 from perm_lite.records import RecordError
 
@@ -75,9 +75,7 @@ class _StopFlag:
 
 def check_chunk_size(chunk_size: int) -> int:
     """Records per chunk: a whole number of at least 1 (`OptionError` otherwise)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise OptionError(f"chunk_size must be a whole number of at least 1, not {chunk_size!r}", "chunk_size")
-    return chunk_size
+    return require_count(chunk_size, "chunk_size")
 
 
 def check_on_error(on_error: str) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from perm_lite.errors import OptionError
+from perm_lite.errors import require_count
 from perm_lite.inference import Engine, check_batching
 from perm_lite.model_dir import DEFAULT_MODEL, load_model_session, load_model_tokenizer, read_config, resolve_model
 from perm_lite.records import Dialogue, RecordError, parse_record
@@ -117,7 +117,7 @@ class Scorer:
             return self.max_batch_tokens
         if max_batch_tokens == "auto":
             return self.provider_info.batch_tokens
-        return check_batching(1, max_batch_tokens)[1]
+        return max_batch_tokens  # checked where it is used: __init__ and Engine.run
 
     # -- scoring -------------------------------------------------------------------------
 
@@ -147,13 +147,9 @@ class Scorer:
     ) -> Iterator[Result]:
         """Stream results for a large iterable, in input order, holding one chunk in memory
         (`chunk_size` records; default 16 batches)."""
-        size, _ = check_batching(self.batch_size if batch_size is None else batch_size, None)
+        size = require_count(self.batch_size if batch_size is None else batch_size, "batch_size") * 16
         if chunk_size is not None:
-            try:
-                check_batching(chunk_size, None)
-            except OptionError:
-                raise OptionError(f"chunk_size must be a whole number of at least 1, not {chunk_size!r}") from None
-        size = chunk_size or size * 16
+            size = require_count(chunk_size, "chunk_size")
         it = iter(records)
         offset = 0
         while chunk := list(itertools.islice(it, size)):

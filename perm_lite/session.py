@@ -15,7 +15,7 @@ from typing import Any
 import onnxruntime as ort
 
 from perm_lite import providers as provider_table
-from perm_lite.errors import OptionError, ProviderError
+from perm_lite.errors import OptionError, ProviderError, require_count
 from perm_lite.providers import Provider
 
 log = logging.getLogger("perm_lite")
@@ -76,8 +76,8 @@ def create_session(
     (onnxruntime itself would silently fall back to CPU, so the provider in use is
     checked). `ort_providers` passes an explicit onnxruntime provider list through as is.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise OptionError(f"threads must be a whole number of at least 1, not {threads!r}")
+    if threads is not None:
+        require_count(threads, "threads")
     path_for = model_path if callable(model_path) else (lambda _provider: model_path)
     disable_telemetry()
     if ort_providers is not None:
@@ -88,10 +88,6 @@ def create_session(
         return _explicit(path_for, provider, threads, list(ort_providers))
     available = ort.get_available_providers()
     if provider != provider_table.AUTO:
-        if provider not in provider_table.PROVIDERS:
-            raise OptionError(
-                f"unknown provider {provider!r}; choose one of {', '.join(provider_table.names())}", "provider"
-            )
         wanted = provider_table.get(provider)
         if wanted.ort_name not in available:
             raise ProviderError(

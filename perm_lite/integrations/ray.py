@@ -303,9 +303,7 @@ def plan_actors(
     `held_cpus` are already held by the dataset's other actor pools. `workers=None`: as
     many actors as fit. `names`: how the two settings are spelled in messages."""
     w_name, t_name = names
-    if provider not in provider_table.names():
-        raise OptionError(f"provider must be one of {', '.join(provider_table.names())}, not {provider!r}")
-    needs_gpu = provider != provider_table.AUTO and provider_table.get(provider).gpu
+    needs_gpu = provider != provider_table.AUTO and provider_table.get(provider).gpu  # unknown: OptionError
     if threads < 1 or (workers is not None and workers < 1):
         raise OptionError(f"{w_name} and {t_name} must be at least 1")
     node_cpus, total_gpus, available = cluster or _cluster()

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from perm_lite.errors import OptionError
+from perm_lite.errors import OptionError, require_count
 from perm_lite.records import RecordError, parse_record
 from perm_lite.reward import Reward
 from perm_lite.scorer import Result, Scorer
@@ -79,8 +79,7 @@ def build_record(prompt: Any, completion: Any, columns: Mapping[str, Any], i: in
 
 class _PermRewardBase:
     def __init__(self, model: str, provider: str, threads: int | None, batch_size: int) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise OptionError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+        require_count(batch_size, "batch_size")
         self.model, self.provider, self.threads, self.batch_size = model, provider, threads, batch_size
 
     @property
