@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perm_lite.jsonl import count_lines
 from perm_lite.scales import SCALES
 
 COLOURS = ("#3b6ea8", "#d9822b", "#3a9a5b", "#b5473a", "#7a5aa6", "#8c6d3f")
@@ -52,13 +53,6 @@ def read_scored(path: Path) -> ScoredFile:
                 continue
             out.rows.append(row)
     return out
-
-
-def count_lines(path: Path | None) -> int:
-    if path is None or not path.is_file():
-        return 0
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return sum(1 for line in fh if line.strip())
 
 
 def value(row: dict[str, Any], check: str) -> float | None:
@@ -305,7 +299,7 @@ def write_report(
         by=by,
         explanations=explanations,
         extremes=extremes,
-        errors=count_lines(errors_path),
+        errors=(count_lines(str(errors_path)) or 0) if errors_path is not None else 0,
         card=scorer.config.path / "README.md",
         title=f"perm-lite report: {scored_path.name}",
         scales=scorer.heads.scales,
