@@ -8,20 +8,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from perm_lite.cli.common import EXIT_FATAL, EXIT_RECORD_ERRORS, EXIT_USAGE, err
+from perm_lite.cli.common import EXIT_FATAL, EXIT_RECORD_ERRORS, EXIT_USAGE, err, library_error
 
-from perm_lite.errors import OptionError, PermError
+from perm_lite.errors import PermError
 
 
 def _scorer(model: str, provider: str = "cpu"):
-    from perm_lite.jsonl import printable
     from perm_lite.scorer import Scorer
 
     try:
         return Scorer(model, provider=provider)
-    except (PermError, ValueError, OSError) as exc:
-        err(printable(str(exc)))
-        raise typer.Exit(EXIT_USAGE if isinstance(exc, OptionError) else EXIT_FATAL) from None
+    except (PermError, ValueError, OSError) as exc:  # one line, exit 2 for OptionError, else 1
+        raise library_error(exc) from None
 
 
 def _check_paths(input: str, out_path: Path | None, overwrite: bool) -> None:
