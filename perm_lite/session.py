@@ -152,14 +152,12 @@ def _explicit(
             f"onnxruntime has no {', '.join(missing)} here (it has {', '.join(available)}); "
             "remove them from providers=[...] or install the onnxruntime build that has them"
         )
-    first = _ort_name(ort_providers[0])
-    session = ort.InferenceSession(
-        str(path_for(provider_table.for_ort_name(first))), _options(threads), providers=list(ort_providers)
-    )
+    first = provider_table.for_ort_name(_ort_name(ort_providers[0]))
+    session = ort.InferenceSession(str(path_for(first)), _options(threads), providers=list(ort_providers))
     used = session.get_providers()[0]
-    if used != first:
-        raise ProviderError(f"providers=[...]: onnxruntime could not start {first} and fell back to {used}")
-    return session, provider_table.for_ort_name(used)
+    if used != first.ort_name:
+        raise ProviderError(f"providers=[...]: onnxruntime could not start {first.ort_name} and fell back to {used}")
+    return session, first
 
 
 def _hint(provider: Provider) -> str:
