@@ -58,6 +58,23 @@ class Stub:
         return [r for call in self.calls for r in call]
 
 
+def start_posts(url: str, body: bytes, n: int) -> tuple[list[threading.Thread], list]:
+    """n threads each POSTing `body` to a live server's /v1/score; `results` fills with each
+    status code (or the client error) as they return."""
+    results: list = []
+
+    def post() -> None:
+        try:
+            results.append(httpx.post(url + "/v1/score", content=body, headers=JSON, timeout=60).status_code)
+        except httpx.HTTPError as exc:
+            results.append(repr(exc))
+
+    clients = [threading.Thread(target=post) for _ in range(n)]
+    for t in clients:
+        t.start()
+    return clients, results
+
+
 def post_concurrently(client, bodies: list[bytes], path: str = "/v1/score") -> list[httpx.Response]:
     out: list = [None] * len(bodies)
 
@@ -409,18 +426,7 @@ def test_shutdown_answers_or_refuses_everything_and_stops_scoring(scorer):
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.02)
-    body = json.dumps({"records": [GOOD] * 64}).encode()
-    results: list = []
-
-    def post():
-        try:
-            results.append(httpx.post(url + "/v1/score", content=body, headers=JSON, timeout=60).status_code)
-        except httpx.HTTPError as exc:
-            results.append(repr(exc))
-
-    clients = [threading.Thread(target=post) for _ in range(12)]
-    for t in clients:
-        t.start()
+    clients, results = start_posts(url, json.dumps({"records": [GOOD] * 64}).encode(), 12)
     stats = app.state.batcher.stats
     while (len(stub.calls) < 3 or stats.requests + stats.rejected < 12) and time.time() < deadline:
         time.sleep(0.01)  # every request read and queued: all accepted
@@ -469,18 +475,7 @@ def test_sigterm_on_perm_serve(tiny_model_dir):
             except httpx.HTTPError:
                 time.sleep(0.1)
         long = {"query": " ".join(["i feel so sad and lost today"] * 40), "response": "i am so sorry " * 40}
-        body = json.dumps({"records": [long] * 256}).encode()
-        results: list = []
-
-        def post():
-            try:
-                results.append(httpx.post(url + "/v1/score", content=body, headers=JSON, timeout=60).status_code)
-            except httpx.HTTPError as exc:
-                results.append(repr(exc))
-
-        clients = [threading.Thread(target=post) for _ in range(20)]
-        for t in clients:
-            t.start()
+        clients, results = start_posts(url, json.dumps({"records": [long] * 256}).encode(), 20)
         while time.time() < deadline:  # every request read and queued (or refused): all accepted
             stats = httpx.get(url + "/healthz", timeout=5).json()["batching"]
             if stats["requests"] + stats["rejected"] == 20 and stats["batches"] >= 2:
