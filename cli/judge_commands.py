@@ -35,7 +35,12 @@ def judge(
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     max_retries: Annotated[int, typer.Option(min=0, help="Retries on 429, 5xx, timeouts.")] = 5,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds per request, all of it: connecting, sending, the whole reply.")
+    ] = 60.0,
+    max_answer_kb: Annotated[
+        int, typer.Option(min=1, help="Largest reply read (KB); a larger one is a failed call, not read further.")
+    ] = 1024,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (PERM: 0.3).")] = JUDGE_TEMPERATURE,
     cache: Annotated[str | None, typer.Option(help="Answer cache (SQLite); default OUTPUT.cache.sqlite.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print calls, tokens and estimated cost; send nothing.")] = False,
@@ -58,11 +63,11 @@ def judge(
 
     try:
         from perm_lite.judge.cache import AnswerCache
-        from perm_lite.judge.client import AuthFailed, InsecureEndpoint, JudgeConfig, check_endpoint
+        from perm_lite.judge.client import InsecureEndpoint, JudgeConfig, RunStopped, check_endpoint
         from perm_lite.judge.run import default_cache_path, judge_path
         from perm_lite.judge.run import dry_run as judge_dry_run
     except ImportError as exc:
-        raise fail(f"perm judge needs the judge extra: pip install 'perm-lite[judge]' ({exc})") from None
+        raise fail(f"perm judge needs the judge extra: pip install '.[judge]' in the checkout ({exc})") from None
     on_error_mode = on_error.value
     if not Path(input).is_file():
         raise fail(f"input file {input} does not exist", EXIT_USAGE)
@@ -81,6 +86,7 @@ def judge(
         timeout=timeout,
         temperature=temperature,
         allow_insecure_http=allow_insecure_http,
+        max_answer_bytes=max_answer_kb * 1024,
     )
     cache_path = Path(cache) if cache else (default_cache_path(output) if output else None)
     if dry_run:
@@ -124,8 +130,9 @@ def judge(
                 progress=tick,
                 report_error=report,
             )
-    except PermError as exc:  # refused outputs or cache (before anything is sent), a refused key, a full disk
-        if not isinstance(exc, AuthFailed | OutputWriteError):
+    except PermError as exc:  # refused outputs or cache (before anything is sent), a refused key or
+        # unreachable endpoint, a full disk
+        if not isinstance(exc, RunStopped | OutputWriteError):
             raise library_error(exc) from None
         raise fail(printable(str(exc))) from None
     except KeyboardInterrupt:

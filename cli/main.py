@@ -7,6 +7,7 @@
     serve_commands    serve
     judge_commands    judge
     explain_commands  explain, report
+    redteam_commands  redteam
     common            exit codes, one-line errors, option helpers, choices
 """
 
@@ -17,6 +18,7 @@ from perm_lite.cli import (
     explain_commands,
     judge_commands,
     model_commands,
+    redteam_commands,
     score_commands,
     serve_commands,
     train_commands,
@@ -43,3 +45,4 @@ app.command()(judge_commands.judge)
 app.command()(train_commands.distill)
 app.command("explain")(explain_commands.explain)
 app.command("report")(explain_commands.report)
+app.command("redteam")(redteam_commands.redteam)

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -57,12 +64,14 @@ def fp32_variant(
     model: Annotated[str, typer.Option(help="Model whose int8 weights to rebuild from.")] = "default",
 ) -> None:
     """Add an fp32 ONNX variant (for CUDA) rebuilt from a model's int8 weights (needs the train extra)."""
-    with train_extra("perm fp32-variant"):
+    # torch, transformers and onnx are imported inside write_fp32_variant: a missing one is one line too
+    with train_extra("perm fp32-variant"), quiet_torch():
         from perm_lite.training.dequantize import write_fp32_variant
-    try:
-        typer.echo(str(write_fp32_variant(model, Path(output))))
-    except PermError as exc:
-        raise fail(str(exc)) from None
+
+        try:
+            typer.echo(str(write_fp32_variant(model, Path(output))))
+        except PermError as exc:
+            raise fail(str(exc)) from None
 
 
 def bench(
@@ -79,7 +88,7 @@ def bench(
     """Throughput and latency on this machine, as ratios against PyTorch fp32 in the same run."""
     import itertools
 
-    from perm_lite.bench import build_backends, fixed_length_dialogues, measure, to_markdown
+    from perm_lite.bench import build_backends, fixed_length_dialogues, measure, measure_steps, to_markdown
     from perm_lite.jsonl import open_input, read_records
 
     inputs = {}
@@ -92,11 +101,82 @@ def bench(
     for n in (int(x) for x in lengths.split(",") if x.strip()):
         inputs[f"{n} tokens"] = fixed_length_dialogues(records, n)
     sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
-    try:
-        backends, skipped = build_backends(model, torch_baselines, Path(fp32_dir) if fp32_dir else None)
-    except PermError as exc:
-        raise fail(str(exc)) from None
-    for reason in skipped:
-        err(f"skipped {reason}")
-    table = measure(backends, inputs, sizes, repeats)
+    show = stderr_is_terminal()
+    started = time.perf_counter()
+    if show:
+        err("loading the models" + (" and the PyTorch baselines" if torch_baselines else "") + " ...")
+    with quiet_torch():
+        try:
+            backends, skipped = build_backends(model, torch_baselines, Path(fp32_dir) if fp32_dir else None)
+        except PermError as exc:
+            raise fail(str(exc)) from None
+        for reason in skipped:
+            err(f"skipped {reason}")
+        with bench_progress(show) as progress:
+            table = measure(backends, inputs, sizes, repeats, progress=progress)
     typer.echo(json.dumps(table, indent=2) if as_json else to_markdown(table))
+    runs = measure_steps(len(backends), len(inputs), len(sizes), repeats)
+    err(
+        f"benchmarked {len(backends)} backends on {len(inputs)} inputs x {len(sizes)} batch sizes "
+        f"({repeats} repeats, {runs} runs of {records} records or fewer) in {time.perf_counter() - started:.0f} s"
+    )
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def bench_progress(show: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A bar of `perm bench`'s runs on stderr, naming the one in progress, or nothing. It is
+    redrawn only between runs (no refresh thread competing with the measurement)."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("benchmarking"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=Console(stderr=True),
+        auto_refresh=False,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, doing: str) -> None:
+            bar.update(task, completed=done, total=total, description=doing)
+            bar.refresh()
+
+        yield progress
+
+
+# Warnings from these modules (and from the training code that drives them) are addressed to
+# developers of the libraries, not to someone running a perm command.
+_LIBRARY_WARNINGS = r"(torch|transformers|onnx|onnxscript|onnxruntime|perm_lite\.training)(\.|$)"
+_LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript")
+
+
+@contextmanager
+def quiet_torch() -> Iterator[None]:
+    """While a command runs PyTorch, transformers or the ONNX exporter: their Python warnings
+    (TracerWarning, deprecations, ...) and their log lines below ERROR are not shown."""
+    saved_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers when it is imported
+    levels = {name: logging.getLogger(name).level for name in _LIBRARY_LOGGERS}
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # by the module a warning is attributed to: torch's TracerWarning, for one, names the
+            # model code being traced (transformers' or perm_lite.training's), not torch
+            warnings.filterwarnings("ignore", module=_LIBRARY_WARNINGS)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if saved_env is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from perm_lite.cli.common import EXIT_USAGE, err, fail, parse_mapping, train_extra
+from perm_lite.cli.common import EXIT_USAGE, err, fail, library_error, parse_mapping, progress_bar, train_extra
 
 from perm_lite.errors import PermError
 
@@ -80,7 +80,9 @@ def _layer_list(text: str) -> list[int] | None:
 
 
 def eval_model(
-    data: Annotated[str, typer.Option(help="Data folder in the layout of ../shared/data.")],
+    data: Annotated[
+        str | None, typer.Option(help="Data folder in the layout of ../shared/data (optional with --robustness).")
+    ] = None,
     model: Annotated[str, typer.Option(help="Model to evaluate.")] = "default",
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     out: Annotated[str | None, typer.Option(help="Write the full report as JSON here.")] = None,
@@ -93,9 +95,24 @@ def eval_model(
     chatbot_only: Annotated[
         bool, typer.Option("--chatbot-only", help="Only mint, iEval and the contrastive set (not the older sources).")
     ] = False,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            "--robustness",
+            help="Only the robustness suite: degenerate rewrites of a good reply per context (contrastive set; "
+            "with --data also held-out mint and iEval) and how often each scores above the original.",
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ) -> None:
     """Validity against baselines (length, TF-IDF ridge) in one run: held-out mint
-    conversations, held-out iEval people, the contrastive check set and the older sources."""
+    conversations, held-out iEval people, the contrastive check set and the older sources.
+    With --robustness: the robustness suite only (no train extra needed)."""
+    if robustness:
+        _robustness(model, data, split, out, quiet)
+        return
+    if not data:
+        raise fail("perm eval needs --data (the folder in the layout of ../shared/data)", EXIT_USAGE)
     with train_extra("perm eval"):
         from perm_lite.training.evaluate import run_evaluation, to_markdown
     checkpoints = parse_mapping(",".join(checkpoint or []), "--checkpoint") if checkpoint else {}
@@ -110,6 +127,39 @@ def eval_model(
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(to_markdown(result))
+
+
+def _robustness(model: str, data: str | None, split: str, out: str | None, quiet: bool) -> None:
+    from perm_lite.scorer import Scorer
+    from perm_lite.training import robustness as suite
+
+    if data and not Path(data).is_dir():
+        raise fail(f"--data {data} is not a folder", EXIT_USAGE)
+    try:
+        scorer = Scorer(model)
+    except PermError as exc:
+        raise library_error(exc) from None
+    sets = suite.load_sets(Path(data) if data else None, split)
+    if not data:
+        err("perm eval --robustness: contrastive set only (give --data for held-out mint and iEval)")
+
+    def predict(dialogues):
+        import numpy as np
+
+        results = []
+        with progress_bar(not quiet, len(dialogues), "robustness") as tick:
+            for start in range(0, len(dialogues), 256):
+                results += scorer.score_dialogues(dialogues[start : start + 256])
+                if tick:
+                    tick(min(256, len(dialogues) - start))
+        return np.array([[r.scores[h] for h in scorer.heads.names] + [r.combined] for r in results])
+
+    report = suite.run_suite(predict, sets, outputs=(*scorer.heads.names, "combined"))
+    if out:
+        Path(out).write_text(json.dumps({"model": scorer.model_name, "split": split, "robustness": report}, indent=2))
+    typer.echo(suite.to_markdown(report))
+    verdict = all(r["passes"] for r in report.values())
+    err(f"robustness: {'every rewrite at or below' if verdict else 'some rewrite above'} the {suite.TARGET:.0%} bar")
 
 
 def distill(

@@ -21,6 +21,7 @@ from perm_lite.scorer import Scorer
 from perm_lite.text import pad_batch
 
 Runner = Callable[[Sequence[Dialogue], int], list[float]]  # (dialogues, batch) -> batch latencies (s)
+Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
 
 
 @dataclass
@@ -148,25 +149,47 @@ def build_backends(model: str, with_torch: bool, fp32_dir: Path | None) -> tuple
     return backends, skipped
 
 
+def measure_steps(backends: int, inputs: int, batch_sizes: int, repeats: int) -> int:
+    """How many runs `measure` makes: per input and batch size, a warm-up and `repeats`
+    timed runs of every backend."""
+    return inputs * batch_sizes * backends * (repeats + 1)
+
+
 def measure(
     backends: dict[str, Runner],
     inputs: dict[str, Sequence[Dialogue]],
     batch_sizes: Sequence[int],
     repeats: int = 3,
+    progress: Progress | None = None,
 ) -> list[dict]:
+    """Measure every backend on every input and batch size. `progress(done, total, doing)`
+    is told before each run what it is (and once more at the end); it is called between
+    the timed runs, never inside one."""
     results: list[Measurement] = []
+    total = measure_steps(len(backends), len(inputs), len(batch_sizes), repeats)
+    done = 0
+
+    def step(doing: str) -> None:
+        if progress is not None:
+            progress(done, total, doing)
+
     for input_name, dialogues in inputs.items():
         for batch_size in batch_sizes:
             row = {name: Measurement(name, input_name, batch_size) for name in backends}
-            for run in backends.values():  # warm-up
+            for name, run in backends.items():  # warm-up
+                step(f"{input_name}, batch {batch_size}: {name} (warm-up)")
                 run(dialogues[: batch_size * 2], batch_size)
-            for _ in range(repeats):
+                done += 1
+            for repeat in range(repeats):
                 for name, run in backends.items():
+                    step(f"{input_name}, batch {batch_size}: {name} ({repeat + 1}/{repeats})")
                     started = time.perf_counter()
                     lat = run(dialogues, batch_size)
                     row[name].records_per_second.append(len(dialogues) / (time.perf_counter() - started))
                     row[name].latencies_ms.extend(x * 1000 for x in lat)
+                    done += 1
             results.extend(row.values())
+    step("done")
     table = [m.summary() for m in results]
     base = {
         (r["inputs"], r["batch_size"]): r["records_per_second"] for r in table if r["backend"] == "pytorch fp32 eager"

@@ -405,7 +405,14 @@ def write_config(model_dir: Path, config: dict[str, Any]) -> Path:
 
 
 def packaged_models_dir() -> Path:
-    return Path(str(resources.files("perm_lite.models")))
+    """The shipped models: the installed `perm_lite.models` (the install maps the top-level
+    models/ folder in under that name), or that folder itself when perm_lite is imported from
+    a source checkout, as it is from the repository root, where perm_lite/ shadows the
+    installed package and has no `models` of its own."""
+    try:
+        return Path(str(resources.files("perm_lite.models")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "models"
 
 
 def resolve_model(model: str | os.PathLike, cache_dir: str | None = None, revision: str | None = None) -> Path:

@@ -59,6 +59,10 @@ class Reward:
             `total` adds (n: the policy's tokens); coef 0 disables it.
         heads: the model's heads (`Scorer` binds its model's with `bind`); unbound, PERM's
             four are used and weight names are checked when the reward is first used.
+        repetition_coef: defence in depth against repetition, off (0) by default: `total`
+            subtracts `coef * repetition_share(text)` (0-1, `perm_lite.rewrites`) when the
+            reply's text is given. Not part of PERM; the model itself is trained not to pay
+            for repetition (see the model card for its measured effect).
     """
 
     mode: str = "harmonic"
@@ -67,6 +71,7 @@ class Reward:
     length_limit: int = 768
     length_coef: float = 0.001
     heads: Heads | None = field(default=None, repr=False)
+    repetition_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in COMBINE_MODES:
@@ -75,6 +80,9 @@ class Reward:
             )
         object.__setattr__(self, "bystander_coef", _number(self.bystander_coef, "bystander_coef", "bystander_coef"))
         object.__setattr__(self, "length_coef", _number(self.length_coef, "length_coef", "length_coef", 0))
+        object.__setattr__(
+            self, "repetition_coef", _number(self.repetition_coef, "repetition_coef", "repetition_coef", 0)
+        )
         if isinstance(self.length_limit, bool) or not isinstance(self.length_limit, int) or self.length_limit < 0:
             raise OptionError(
                 f"length_limit must be a whole number of tokens >= 0, not {self.length_limit!r}", "length_limit"
@@ -112,6 +120,7 @@ class Reward:
         bystander_coef: float | None = None,
         length_limit: int | None = None,
         length_coef: float | None = None,
+        repetition_coef: float | None = None,
     ) -> Reward:
         """`reward`, or a Reward with these settings (PERM's defaults for what is None);
         giving both is an `OptionError` (one of them would be ignored)."""
@@ -121,6 +130,7 @@ class Reward:
             "bystander_coef": bystander_coef,
             "length_limit": length_limit,
             "length_coef": length_coef,
+            "repetition_coef": repetition_coef,
         }
         given = [k for k, v in settings.items() if v is not None]
         if reward is not None:
@@ -136,6 +146,7 @@ class Reward:
             defaults.bystander_coef if bystander_coef is None else bystander_coef,
             defaults.length_limit if length_limit is None else length_limit,
             defaults.length_coef if length_coef is None else length_coef,
+            repetition_coef=defaults.repetition_coef if repetition_coef is None else repetition_coef,
         )
 
     def bind(self, heads: Heads) -> Reward:
@@ -178,13 +189,26 @@ class Reward:
         """`-coef * max(0, n_tokens - limit)`."""
         return -self.length_coef * max(0, n_tokens - self.length_limit)
 
-    def total(self, scores: Mapping[str, float], n_tokens: int | None = None) -> float:
-        """`combined` plus the length penalty when `n_tokens` is given: PERM's RL reward."""
+    def repetition_penalty(self, text: str) -> float:
+        """`-repetition_coef * repetition_share(text)` (0 when the coefficient is 0)."""
+        if not self.repetition_coef:
+            return 0.0
+        from perm_lite.rewrites import repetition_share
+
+        return -self.repetition_coef * repetition_share(text)
+
+    def total(self, scores: Mapping[str, float], n_tokens: int | None = None, text: str | None = None) -> float:
+        """`combined` plus the length penalty when `n_tokens` is given (PERM's RL reward),
+        plus the repetition penalty when `repetition_coef` is set and the reply's `text` given."""
         if n_tokens is not None and (isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0):
             raise OptionError(f"n_tokens must be a whole number of tokens >= 0, not {n_tokens!r}", "n_tokens")
+        if text is not None and not isinstance(text, str):
+            raise OptionError(f"text must be the reply as a string, not {type(text).__name__}", "text")
         value = self.combined(scores)
         if self.length_coef and n_tokens is not None:
             value += self.length_penalty(n_tokens)
+        if self.repetition_coef and text is not None:
+            value += self.repetition_penalty(text)
         return value
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +218,7 @@ class Reward:
             "bystander_coef": self.bystander_coef,
             "length_limit": self.length_limit,
             "length_coef": self.length_coef,
+            "repetition_coef": self.repetition_coef,
             "empathy": list(self._heads.empathy),
             "bystander": self._heads.bystander,
         }

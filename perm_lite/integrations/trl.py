@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from perm_lite.errors import OptionError, require_count
-from perm_lite.records import RecordError, parse_record
+from perm_lite.records import RecordError, parse_record, split_completion
 from perm_lite.reward import Reward
 from perm_lite.scorer import Result, Scorer
 
@@ -138,6 +138,8 @@ class PermReward(_PermRewardBase):
         length_limit, length_coef: `-coef * max(0, n - limit)`, n counted in the policy's
             tokens (`completion_ids`, which GRPOTrainer passes; or `tokenizer`); coef 0
             disables it.
+        repetition_coef: optional defence in depth (off by default): subtract
+            `coef * repetition_share(reply)` (`perm_lite.Reward.repetition_penalty`).
         reward: a `Reward` instead of the four settings above.
         tokenizer: a callable text -> token count, used only when `completion_ids` is absent.
     """
@@ -151,6 +153,7 @@ class PermReward(_PermRewardBase):
         bystander_coef: float | None = None,
         length_limit: int | None = None,
         length_coef: float | None = None,
+        repetition_coef: float | None = None,
         reward: Reward | None = None,
         tokenizer: Callable[[str], int] | None = None,
         provider: str = "auto",
@@ -166,17 +169,20 @@ class PermReward(_PermRewardBase):
             bystander_coef=bystander_coef,
             length_limit=length_limit,
             length_coef=length_coef,
+            repetition_coef=repetition_coef,
         )
         self.settings = reward.bind(self.scorer.heads)  # weights checked against the model's heads
         self.tokenizer = tokenizer
         self.__name__ = name
 
-    def reward(self, scores: Mapping[str, float], n_tokens: int | None) -> float:
-        """The reward for one set of calibrated scores and a completion length."""
-        return self.settings.total(scores, n_tokens)
+    def reward(self, scores: Mapping[str, float], n_tokens: int | None, text: str | None = None) -> float:
+        """The reward for one set of calibrated scores, a completion length and (for the
+        optional repetition term) the reply's text."""
+        return self.settings.total(scores, n_tokens, text)
 
     def _value(self, result: Result, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> float:
-        return self.reward(result.scores, self._length(i, completion, completion_ids))
+        text = split_completion(_text_of(completion))[1] if self.settings.repetition_coef else None
+        return self.reward(result.scores, self._length(i, completion, completion_ids), text)
 
     def _length(self, i: int, completion: Any, completion_ids: Sequence[Sequence[int]] | None) -> int | None:
         if not self.settings.length_coef:

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 
-def _public_endpoint(endpoint: str) -> str:
+def public_endpoint(endpoint: str) -> str:
     """The endpoint URL without credentials or a trailing slash."""
     try:
         parts = urlsplit(endpoint.strip())
@@ -33,7 +33,7 @@ def _public_endpoint(endpoint: str) -> str:
 def request_key(endpoint: str, model: str, messages: list[dict], temperature: float, max_tokens: int) -> str:
     blob = json.dumps(
         {
-            "endpoint": _public_endpoint(endpoint),
+            "endpoint": public_endpoint(endpoint),
             "model": model,
             "messages": messages,
             "temperature": temperature,

@@ -5,12 +5,19 @@ only ever placed in the Authorization header; it is not logged, echoed, cached o
 Error text that came from the endpoint is scrubbed of the key and of anything header- or
 key-like before it is stored, since an endpoint may echo what it was sent. The key is never
 sent over plain http to a host other than this machine unless `allow_insecure_http` is set.
-A 401 or 403 stops every call at once (`AuthFailed`): retrying a refused key only repeats it.
+
+Every request is bounded: `timeout` is its whole deadline (connecting, sending, and reading
+the reply), and at most `max_answer_bytes` of a reply are read. A 401 or 403 stops every
+call at once (`AuthFailed`), and so does an endpoint no connection ever opens to
+(`EndpointUnreachable`): retrying them for every record only repeats the failure. Until the
+endpoint has answered once, requests go one at a time, so an unreachable one costs one
+call's retries, not every record's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -20,10 +27,11 @@ import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from perm_lite.errors import PermError
-from perm_lite.judge.cache import AnswerCache, request_key
+from perm_lite.judge.cache import AnswerCache, public_endpoint, request_key
 from perm_lite.rubric import JUDGE_TEMPERATURE
 
 log = logging.getLogger("perm_lite.judge")
@@ -31,6 +39,7 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 AUTH_STATUS = {401: "unauthorized", 403: "forbidden"}
 REDACTED = "[redacted]"
 ERROR_TEXT_LIMIT = 200  # characters of an endpoint's error body kept in a stored error
+MAX_ANSWER_BYTES = 1 << 20  # a reply body larger than this is not read (a judge's answer is a few KB)
 
 
 @dataclass
@@ -45,6 +54,7 @@ class JudgeConfig:
     backoff: float = 0.5  # first retry delay (s); doubles each time, with jitter
     max_tokens: int = 300
     allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
+    max_answer_bytes: int = MAX_ANSWER_BYTES  # most bytes of one reply read; more is a failed call
 
     def endpoint(self) -> str:
         base = self.base_url.rstrip("/")
@@ -66,8 +76,16 @@ class CallFailed(PermError):
     """A request that still failed after every retry (the message never holds the key)."""
 
 
-class AuthFailed(CallFailed):
+class RunStopped(CallFailed):
+    """A failure no other call can escape: the whole run stops, nothing more is sent."""
+
+
+class AuthFailed(RunStopped):
     """The endpoint refused the credentials (401/403): the whole run stops."""
+
+
+class EndpointUnreachable(RunStopped):
+    """No connection to the endpoint opened in any attempt of a call: the whole run stops."""
 
 
 class InsecureEndpoint(PermError, ValueError):
@@ -104,11 +122,27 @@ def _secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+@functools.lru_cache(maxsize=8)
+def _encoded_pattern(secret: str) -> re.Pattern:
+    """The secret with any of its characters percent-encoded (either case, once or twice),
+    or a space as `+`: however a URL or form encoder wrote it."""
+    parts = []
+    for char in secret:
+        encoded = "".join(f"%(?:25)?{byte:02x}" for byte in char.encode("utf-8", "surrogatepass"))
+        alternatives = [re.escape(char), f"(?i:{encoded})"] + (["\\+"] if char == " " else [])
+        parts.append(f"(?:{'|'.join(alternatives)})")
+    return re.compile("".join(parts))
+
+
 def redact_secrets(text: str, secrets: Iterable[str]) -> str:
     """Only the exact secret strings (and their URL/JSON-escaped forms) replaced: for answer
     text, which must otherwise stay as the judge wrote it."""
     for form in _secret_forms(secrets):
         text = text.replace(form, REDACTED)
+    if "%" in text or "+" in text:
+        for secret in secrets:
+            if secret and len(secret) >= 4:
+                text = _encoded_pattern(secret).sub(REDACTED, text)
     return text
 
 
@@ -174,6 +208,26 @@ def _usage_counts(payload: dict) -> dict[str, int]:
     return counts
 
 
+@dataclass
+class _Reply:
+    """One request's outcome: the status, headers and (at most the cap of) the body."""
+
+    status: int
+    headers: Any
+    body: bytes
+    cut: bool = False  # the body was longer than the cap; only its start was read
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class _NoConnection(Exception):
+    """This attempt never got a usable connection (refused, unresolvable, or nothing before the deadline)."""
+
+
 class ChatClient:
     def __init__(self, config: JudgeConfig, cache: AnswerCache | None) -> None:
         import httpx
@@ -188,7 +242,9 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {key}"
         self._http = httpx.AsyncClient(timeout=config.timeout, headers=headers, follow_redirects=False)
         self._semaphore = asyncio.Semaphore(config.concurrency)
-        self._refused: AuthFailed | None = None
+        self._refused: RunStopped | None = None
+        self._reached = False  # a connection to the endpoint has opened (until one fails to)
+        self._probe = asyncio.Lock()  # while not reached: one call (with its retries) at a time
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -224,10 +280,10 @@ class ChatClient:
             self.cache.put(key, answer, usage)
         return answer
 
-    def _refuse(self, status: int, response) -> AuthFailed:
+    def _refuse(self, status: int, reply: _Reply) -> AuthFailed:
         detail = ""
         try:
-            error = response.json().get("error")
+            error = reply.json().get("error")
             message = error.get("message") if isinstance(error, dict) else error
             if isinstance(message, str) and message.strip():
                 detail = f": {self.scrub(message)}"
@@ -243,44 +299,123 @@ class ChatClient:
             "stopped without sending the remaining requests"
         )
 
-    async def _post_with_retries(self, body: dict) -> tuple[str, dict]:
+    async def _send(self, body: dict, on_open: Callable[[], None]) -> _Reply:
+        """POST once within the deadline, reading at most `max_answer_bytes` of the reply;
+        `on_open()` once the request goes out on an open connection.
+
+        Raises `_NoConnection` when no connection opened, `TimeoutError` when the deadline
+        passed after one did, and httpx's other transport errors as they come."""
         import httpx
 
-        last, hint = "no attempt", None
+        opened = False
+
+        async def trace(event: str, info: dict) -> None:
+            nonlocal opened
+            if not opened and event.startswith(("http11.", "http2.")):
+                opened = True
+                on_open()
+
+        cap = self.config.max_answer_bytes
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                async with self._http.stream(
+                    "POST", self.config.endpoint(), json=body, extensions={"trace": trace}
+                ) as response:
+                    data, cut = bytearray(), False
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > cap:
+                        cut = True  # not worth reading at all
+                    else:
+                        async for piece in response.aiter_bytes():
+                            data += piece
+                            if len(data) > cap:  # stop reading here: the rest is never downloaded
+                                cut = True
+                                del data[cap:]
+                                break
+                    return _Reply(response.status_code, response.headers, bytes(data), cut)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _NoConnection(f"{type(exc).__name__}: {exc}") from None
+        except TimeoutError:
+            if not opened:
+                raise _NoConnection(f"no connection within {self.config.timeout:g} s") from None
+            raise
+
+    async def _post_with_retries(self, body: dict) -> tuple[str, dict]:
+        held = False
+        if not self._reached:  # until a connection has opened, one call (and its retries) at a time
+            await self._probe.acquire()
+            held = True
+
+        def reached() -> None:
+            nonlocal held
+            self._reached = True
+            if held:  # the endpoint answers: the calls waiting behind this one may go
+                held = False
+                self._probe.release()
+
+        try:
+            if self._reached:
+                reached()
+            return await self._attempts(body, reached)
+        finally:
+            if held:
+                self._probe.release()
+
+    async def _attempts(self, body: dict, reached: Callable[[], None]) -> tuple[str, dict]:
+        import httpx
+
+        last, hint, unreachable = "no attempt", None, True
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self._delay(attempt, hint))
                 hint = None
             async with self._semaphore:
-                if self._refused is not None:  # another call was refused: send nothing more
+                if self._refused is not None:  # the run was stopped: send nothing more
                     raise self._refused
                 self.stats.calls += 1
                 try:
-                    response = await self._http.post(self.config.endpoint(), json=body)
-                except httpx.TimeoutException:
+                    reply = await self._send(body, reached)
+                except _NoConnection as exc:
+                    last = f"could not connect ({self.scrub(str(exc))})"
+                    self._count("connection")
+                    self._reached = False  # later calls wait for this one's verdict
+                    continue
+                except (TimeoutError, httpx.TimeoutException):
                     last = f"timed out after {self.config.timeout:g} s"
                     self._count("timeout")
+                    reached()
+                    unreachable = False
                     continue
                 except httpx.TransportError as exc:
                     last = f"connection error ({type(exc).__name__})"
                     self._count("connection")
+                    reached()
+                    unreachable = False
                     continue
-            self._count(str(response.status_code))
-            if response.status_code in AUTH_STATUS:
+            reached()
+            unreachable = False
+            self._count(str(reply.status))
+            if reply.status in AUTH_STATUS:
                 self.stats.failed += 1
                 if self._refused is None:
-                    self._refused = self._refuse(response.status_code, response)
+                    self._refused = self._refuse(reply.status, reply)
                 raise self._refused
-            if response.status_code in RETRY_STATUS:
-                last = f"HTTP {response.status_code}"
-                hint = response.headers.get("retry-after")
+            if reply.status in RETRY_STATUS:
+                last = f"HTTP {reply.status}"
+                hint = reply.headers.get("retry-after")
                 continue
-            if response.status_code != 200:
+            if reply.status != 200:
                 self.stats.failed += 1
-                raise CallFailed(f"HTTP {response.status_code}: {self.scrub(response.text[:4000])}")
+                raise CallFailed(f"HTTP {reply.status}: {self.scrub(reply.text()[:4000])}")
+            if reply.cut:
+                self.stats.failed += 1
+                raise CallFailed(
+                    f"the endpoint's reply is larger than {self.config.max_answer_bytes} bytes "
+                    "(--max-answer-kb); it was not read past that"
+                )
             try:
-                payload = response.json()
+                payload = reply.json()
                 answer = payload["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                 self.stats.failed += 1
@@ -294,6 +429,14 @@ class ChatClient:
             self.stats.output_tokens += usage.get("completion_tokens", 0)
             return answer if isinstance(answer, str) else "", usage
         self.stats.failed += 1
+        if unreachable:  # not one attempt reached the endpoint: no other call would either
+            if self._refused is None:
+                self._refused = EndpointUnreachable(
+                    f"cannot reach {public_endpoint(self.config.endpoint())}: {last}, "
+                    f"{self.config.max_retries + 1} attempts; check --base-url and that the server is up; "
+                    "stopped without sending the remaining requests"
+                )
+            raise self._refused
         raise CallFailed(f"{last}, after {self.config.max_retries} retries")
 
     def _delay(self, attempt: int, hint: str | None) -> float:

@@ -314,16 +314,28 @@ def add_weak_supervision(corpus: Corpus, seed: int = 0) -> None:
         corpus.pairs.append(Pair(i, j, heads, f"weak:{kind}"))
 
 
-SOURCES = ("epitome", "condolence", "esconv", "failedesconv", "counselchat", "mint", "ieval", "weak", "counterfactual")
+SOURCES = (
+    "epitome",
+    "condolence",
+    "esconv",
+    "failedesconv",
+    "counselchat",
+    "mint",
+    "ieval",
+    "weak",
+    "counterfactual",
+    "degenerate",
+)
 
 
 def build_corpus(data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[str] = SOURCES) -> Corpus:
     """Load the named sources under `data_dir` (the layout of ../shared/data).
 
-    `weak` adds the weak-supervision variants and `counterfactual` the counterfactual pairs
-    (counterfactual.py) of the loaded sources; a source left out is absent from every split
+    `weak` adds the weak-supervision variants, `counterfactual` the counterfactual pairs
+    (counterfactual.py) and `degenerate` the hard negatives against reward hacking
+    (hard_negatives.py, training split only) of the loaded sources; a source left out is absent from every split
     (leave-one-source-out runs)."""
-    from perm_lite.training import chatbot_data, counterfactual
+    from perm_lite.training import chatbot_data, counterfactual, hard_negatives
 
     unknown = set(sources) - set(SOURCES)
     if unknown:
@@ -349,6 +361,8 @@ def build_corpus(data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[
         add_weak_supervision(corpus, seed=seed)
     if "counterfactual" in sources:
         counterfactual.add_counterfactuals(corpus, data_dir, seed=seed, with_epitome="epitome" in sources)
+    if "degenerate" in sources:
+        hard_negatives.add_hard_negatives(corpus, seed=seed)
     return corpus
 
 

@@ -225,19 +225,30 @@ def scorer_predictor(model: str) -> Predictor:
     return predict
 
 
-def checkpoint_predictor(folder: str, max_length: int = 384, batch_size: int = 32) -> Predictor:
+def checkpoint_predictor(folder: str, max_length: int = 384, batch_size: int = 32, device: str = "cpu") -> Predictor:
     """A training checkpoint (`final/` or `checkpoint/`) in PyTorch fp32: raw head outputs on
-    the 0-1 target scale plus the combined score computed from them (`with_combined`)."""
+    the 0-1 target scale plus the combined score computed from them (`with_combined`).
+    A `final/` folder carries its encoder config and tokenizer; otherwise the base package's."""
+    import tempfile
+
     import torch
     from safetensors.torch import load_file
 
     from perm_lite.text import encode_dialogues, load_tokenizer, pad_batch
     from perm_lite.training.model import PermRewardModel, base_encoder_dir
 
-    model = PermRewardModel.from_base(base_encoder_dir())
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-    model.eval()
-    tokenizer = load_tokenizer(str(base_encoder_dir() / "tokenizer.json"))
+    folder_path = Path(folder)
+    if (folder_path / "encoder_config.json").exists() and (folder_path / "tokenizer.json").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text((folder_path / "encoder_config.json").read_text())
+            model = PermRewardModel.from_config(Path(tmp))
+        tokenizer = load_tokenizer(str(folder_path / "tokenizer.json"))
+    else:
+        model = PermRewardModel.from_config(base_encoder_dir())
+        tokenizer = load_tokenizer(str(base_encoder_dir() / "tokenizer.json"))
+    state = load_file(str(folder_path / "model.safetensors"))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.to(device).eval()
     pad_id = tokenizer.token_to_id("[PAD]")
 
     def predict(dialogues: Sequence[Dialogue]) -> np.ndarray:
@@ -248,7 +259,8 @@ def checkpoint_predictor(folder: str, max_length: int = 384, batch_size: int = 3
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 arrays = pad_batch([encodings[k] for k in chunk], pad_id)
-                out[chunk] = model(**{k: torch.from_numpy(v) for k, v in arrays.items()}).numpy()
+                batch = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+                out[chunk] = model(**batch).float().cpu().numpy()
         return with_combined(out)
 
     return predict

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from perm_lite.text import encode_dialogues, load_tokenizer, pad_batch
+from perm_lite.training import hard_negatives
 from perm_lite.training.data import Corpus, build_corpus, family
 from perm_lite.training.model import PermRewardModel, base_encoder_dir
 
@@ -44,6 +45,14 @@ class TrainConfig:
     max_examples: int = 0  # >0: subsample (smoke tests)
     bf16: bool = True
     init_from: str = ""  # a previous run's final/ folder: continue from its weights (stage 2)
+    init_from_int8: str = ""  # a model directory: continue from its shipped int8 weights, dequantized
+    encoder_dir: str = ""  # folder with the encoder's config.json and tokenizer.json (default: the base package)
+    device: str = "cpu"  # "cuda" where a GPU is lent (bf16 autocast there too)
+    # Adversarial rounds (model 3.0): at these steps, the red team (perm_lite.redteam) searches
+    # from training-split replies with the model being trained; what it finds becomes negatives.
+    adversarial_at: tuple[int, ...] = ()
+    adversarial_contexts: int = 120
+    adversarial_budget: int = 200
     weak_share: float = 0.0  # >0: weak-supervision examples get this share of regression draws
     counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
     sources: tuple[str, ...] = ()  # empty: every source (data.SOURCES); else only these
@@ -72,9 +81,16 @@ class EncodedCorpus:
         self.weights = np.array([e.weight for e in corpus.examples], dtype=np.float32)
         self.pad_id = pad_id
 
-    def batch(self, indices) -> dict[str, torch.Tensor]:
+    def batch(self, indices, device: str = "cpu") -> dict[str, torch.Tensor]:
         arrays = pad_batch([self.encodings[i] for i in indices], self.pad_id)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+    def extend(self, tokenizer, max_length: int, start: int) -> None:
+        """Encode the corpus examples added since index `start` (red-team finds)."""
+        new = self.corpus.examples[start:]
+        self.encodings += encode_dialogues([e.dialogue for e in new], tokenizer, max_length)
+        self.targets = np.concatenate([self.targets, np.stack([e.targets for e in new])])
+        self.weights = np.concatenate([self.weights, np.array([e.weight for e in new], dtype=np.float32)])
 
 
 def _reg_family(example) -> str:
@@ -117,7 +133,9 @@ def family_shares(families: list[str], shares: dict | None) -> np.ndarray | None
     return p / p.sum()
 
 
-def forward_by_length(model, data: EncodedCorpus, items: list[int], bf16: bool, tokens: int = 4096) -> torch.Tensor:
+def forward_by_length(
+    model, data: EncodedCorpus, items: list[int], bf16: bool, tokens: int = 4096, device: str = "cpu"
+) -> torch.Tensor:
     """Head outputs for `items` (in order), run as length-sorted sub-batches of at most
     `tokens` padded tokens: a batch mixing 60- and 384-token records pads nothing to 384."""
     order = sorted(range(len(items)), key=lambda k: len(data.encodings[items[k]]))
@@ -129,34 +147,134 @@ def forward_by_length(model, data: EncodedCorpus, items: list[int], bf16: bool, 
         chunks[-1].append(k)
     outputs = []
     # bf16 autocast: about 3x faster on CPUs with avx512_bf16; weights stay fp32.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
         for chunk in chunks:
-            outputs.append(model(**data.batch([items[k] for k in chunk])).float())
+            outputs.append(model(**data.batch([items[k] for k in chunk], device)).float())
     out = torch.cat(outputs)
-    inverse = torch.empty(len(items), dtype=torch.long)
-    inverse[torch.tensor([k for chunk in chunks for k in chunk])] = torch.arange(len(items))
+    inverse = torch.empty(len(items), dtype=torch.long, device=out.device)
+    inverse[torch.tensor([k for chunk in chunks for k in chunk], device=out.device)] = torch.arange(
+        len(items), device=out.device
+    )
     return out[inverse]
 
 
 def losses(model, data: EncodedCorpus, reg_idx, pairs, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     items = list(reg_idx) + [i for p in pairs for i in (p.better, p.worse)]
-    out = forward_by_length(model, data, items, cfg.bf16)
+    tokens = 4096 if cfg.device == "cpu" else 32768
+    out = forward_by_length(model, data, items, cfg.bf16, tokens, cfg.device)
     n = len(reg_idx)
-    targets = torch.from_numpy(data.targets[reg_idx])
+    targets = torch.from_numpy(data.targets[reg_idx]).to(out.device)
     mask = ~torch.isnan(targets)
-    weights = torch.from_numpy(data.weights[reg_idx]).unsqueeze(1) * mask
+    weights = torch.from_numpy(data.weights[reg_idx]).to(out.device).unsqueeze(1) * mask
     err = (out[:n] - torch.nan_to_num(targets)) ** 2
     mse = (err * weights).sum() / weights.sum().clamp(min=1e-6)
-    rank = torch.zeros(())
+    rank = torch.zeros((), device=out.device)
     if pairs:
         better, worse = out[n::2], out[n + 1 :: 2]
         head_mask = torch.zeros(len(pairs), out.shape[1])
         for k, p in enumerate(pairs):
             head_mask[k, list(p.heads)] = 1.0
+        head_mask = head_mask.to(out.device)
         margin = (better - worse) * cfg.rank_scale
         rank = (torch.nn.functional.softplus(-margin) * head_mask).sum() / head_mask.sum()
     total = mse + cfg.rank_weight * rank
     return total, {"mse": mse.item(), "rank": rank.item()}
+
+
+def _load_int8(model: PermRewardModel, model_dir: Path) -> None:
+    """Load the dequantized int8 weights of a shipped model directory into `model`."""
+    from perm_lite.model_dir import read_config
+    from perm_lite.training.dequantize import state_dict_from_int8
+
+    state = state_dict_from_int8(read_config(model_dir).variant_path("int8"))
+    expected = model.state_dict()
+    missing = {k for k in set(expected) - set(state) if not k.startswith("encoder.pooler.")}
+    missing.discard("encoder.embeddings.position_ids")
+    if missing:
+        raise ValueError(f"could not rebuild {sorted(missing)[:5]} from {model_dir}")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items() if k in expected}, strict=False)
+
+
+def torch_score_fn(model, tokenizer, dialogue, cfg: TrainConfig, batch: int = 64):
+    """A red-team score function over replies to `dialogue`'s context: the mean of the
+    four raw head outputs of the PyTorch model being trained (eval mode, no grad)."""
+    from perm_lite.records import Dialogue
+
+    pad_id = tokenizer.token_to_id("[PAD]")
+
+    def score(replies: list[str]) -> list[float]:
+        variants = [
+            Dialogue(
+                response=r,
+                query=dialogue.query,
+                scenario=dialogue.scenario,
+                persona=dialogue.persona,
+                history=dialogue.history,
+            )
+            for r in replies
+        ]
+        encodings = encode_dialogues(variants, tokenizer, cfg.max_length)
+        values: list[float] = []
+        with torch.no_grad(), torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+            for k in range(0, len(encodings), batch):
+                arrays = pad_batch(encodings[k : k + batch], pad_id)
+                out = model(**{n: torch.from_numpy(v).to(cfg.device) for n, v in arrays.items()}).float()
+                values += out.mean(dim=1).tolist()
+        return values
+
+    return score
+
+
+def adversarial_round(model, corpus: Corpus, tokenizer, cfg: TrainConfig, step: int) -> list[tuple[int, str]]:
+    """Run the red team from training-split replies (mint, iEval, contrastive-like human
+    sources) with the current model; return (example index, degenerate text) for every
+    context where a degenerate candidate came within 0.02 of the original or beat it."""
+    import random
+
+    from perm_lite import redteam
+    from perm_lite.rewrites import sentences
+
+    model.eval()
+    rng = random.Random(cfg.seed * 7 + step)
+    pool = [
+        i
+        for i, e in enumerate(corpus.examples)
+        if e.split == "train"
+        and e.kind in ("human", "chatbot")
+        and len(sentences(e.dialogue.response)) >= 2
+        and e.source in ("mint", "ieval", "epitome", "esconv", "condolence", "counselchat")
+    ]
+    chosen = rng.sample(pool, min(cfg.adversarial_contexts, len(pool)))
+    others = [corpus.examples[i].dialogue.response for i in rng.sample(pool, min(300, len(pool)))]
+    found: list[tuple[int, str]] = []
+    hacked = 0
+    started = time.time()
+    for n, i in enumerate(chosen):
+        d = corpus.examples[i].dialogue
+        context = " ".join([t.text for t in d.history if t.role != "supporter"] + [d.query])
+        pools = redteam.default_pools(context, d.response, rng.sample(others, 20))
+        result = redteam.search(
+            torch_score_fn(model, tokenizer, d, cfg),
+            d.response,
+            context,
+            pools,
+            budget=cfg.adversarial_budget,
+            seed=cfg.seed + step + n,
+        )
+        hacked += result.hacked
+        if result.best_degenerate is not None and result.gain > -0.02:
+            found.append((i, result.best_degenerate.text))
+    log.info(
+        "adversarial round at step %d: %d contexts, degenerate reply above the original in %d (%.1f%%); "
+        "%d negatives added (%.0f s)",
+        step,
+        len(chosen),
+        hacked,
+        100 * hacked / max(1, len(chosen)),
+        len(found),
+        time.time() - started,
+    )
+    return found
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
@@ -174,7 +292,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    base = base_encoder_dir()
+    base = Path(cfg.encoder_dir) if cfg.encoder_dir else base_encoder_dir()
     tokenizer = load_tokenizer(base / "tokenizer.json")
     if corpus is None:
         corpus = build_corpus(Path(cfg.data_dir), seed=cfg.seed, **({"sources": cfg.sources} if cfg.sources else {}))
@@ -187,16 +305,33 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
         "examples %d (regression train %d), pairs train %d", len(corpus.examples), len(train_reg), len(train_pairs)
     )
 
-    model = PermRewardModel.from_base(base)
+    model = PermRewardModel.from_config(base) if cfg.init_from_int8 else PermRewardModel.from_base(base)
     if cfg.init_from:
         model.load_state_dict(load_file(Path(cfg.init_from) / "model.safetensors"))
         log.info("initialised from %s", cfg.init_from)
-    reg_p = _shares([corpus.examples[i].kind != "human" for i in train_reg], cfg.weak_share)
-    pair_p = _shares([p.source == "counselchat" for p in train_pairs], cfg.counsel_pair_share)
-    if cfg.reg_shares:
-        reg_p = family_shares([_reg_family(corpus.examples[i]) for i in train_reg], cfg.reg_shares)
-    if cfg.pair_shares:
-        pair_p = family_shares([family(p.source) for p in train_pairs], cfg.pair_shares)
+    if cfg.init_from_int8:
+        _load_int8(model, Path(cfg.init_from_int8))
+        log.info("initialised from the int8 weights of %s (dequantized)", cfg.init_from_int8)
+    model.to(cfg.device)
+    finds_file = out / "redteam_finds.jsonl"  # red-team negatives of earlier rounds (resume re-adds them)
+    if finds_file.exists():
+        start = len(corpus.examples)
+        found = [tuple(json.loads(line)) for line in finds_file.read_text().splitlines() if line.strip()]
+        hard_negatives.add_found(corpus, found)
+        data.extend(tokenizer, cfg.max_length, start)
+        log.info("re-added %d red-team negatives", len(found))
+
+    def samplers():
+        pairs = [p for p in corpus.pairs if corpus.examples[p.better].split == "train"]
+        reg_p = _shares([corpus.examples[i].kind != "human" for i in train_reg], cfg.weak_share)
+        pair_p = _shares([p.source == "counselchat" for p in pairs], cfg.counsel_pair_share)
+        if cfg.reg_shares:
+            reg_p = family_shares([_reg_family(corpus.examples[i]) for i in train_reg], cfg.reg_shares)
+        if cfg.pair_shares:
+            pair_p = family_shares([family(p.source) for p in pairs], cfg.pair_shares)
+        return pairs, reg_p, pair_p
+
+    train_pairs, reg_p, pair_p = samplers()
     head_params = list(model.heads.parameters())
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
@@ -211,7 +346,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
     ckpt = out / "checkpoint"
     if (ckpt / "state.json").exists():
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=cfg.device))
         step = json.loads((ckpt / "state.json").read_text())["step"]
         log.info("resumed from step %d", step)
     model.train()
@@ -240,6 +375,15 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        if step in cfg.adversarial_at:
+            start = len(corpus.examples)
+            found = adversarial_round(model, corpus, tokenizer, cfg, step)
+            with finds_file.open("a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(list(f)) + "\n" for f in found)
+            hard_negatives.add_found(corpus, found)
+            data.extend(tokenizer, cfg.max_length, start)
+            train_pairs, reg_p, pair_p = samplers()
+            model.train()
         if step % 10 == 0 or step == cfg.steps:
             rate = (step - first_step) / max(1e-6, time.time() - started)
             log.info(
