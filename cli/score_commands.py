@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -67,7 +67,10 @@ def score(
     ] = OnErrorChoice.skip,
     errors: Annotated[
         str | None,
-        typer.Option(help="Where bad records are reported (default OUTPUT.errors.jsonl; perm-errors.jsonl with -o -)."),
+        typer.Option(
+            help="Where bad records are reported (default OUTPUT.errors.jsonl; perm-errors.jsonl with -o -, "
+            "replacing an earlier run's; /dev/null: not kept)."
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run: skip lines already in OUTPUT.")] = False,
     overwrite: Annotated[
@@ -164,22 +167,26 @@ def score(
             cache_dir=cache_dir,
         )
     except KeyboardInterrupt:
+        run.close()
         raise fail("interrupted before scoring started; nothing was written", EXIT_INTERRUPTED) from None
     except Exception as exc:  # OptionError (usage), other PermErrors (model, provider), a model file ORT cannot load
+        run.close()
         raise library_error(exc) from None
     show = not quiet and sys.stderr.isatty()
     error_count = 0
 
-    def report(error) -> None:
+    def report(error) -> None:  # bad records are said even with --quiet (it hides the bar and summary)
         nonlocal error_count
         error_count += 1
-        if error_count <= 20 and not quiet:
+        if error_count <= 20:
             err(printable(f"skipped {error}" if on_error_mode == "skip" else f"error: {error}"))
-        elif error_count == 21 and not quiet:
-            err(f"... more errors in {run.errors_path}")
+        elif error_count == 21:
+            err("... more errors" + ("" if run.discards_errors else f" in {run.errors_path}"))
 
     try:
         with progress_bar(show, count_lines(input) if show else None) as tick:
+            if tick is not None and not explain:
+                tick = _per_batch(scorer, tick)  # the bar moves with each batch, not each 512-record chunk
             summary = run.run(
                 scorer,
                 on_error=on_error_mode,
@@ -205,7 +212,9 @@ def score(
         )
         if means:
             err(f"means: {means}")
-        if summary.errors and not (summary.interrupted and run.replacing):
+        if summary.errors and run.discards_errors:
+            err(f"errors not kept (--errors {run.errors_path})")
+        elif summary.errors and not (summary.interrupted and run.replacing):
             err(f"errors written to {run.errors_path}")
         if summary.replaced_fields:
             err(f"note: {summary.replaced_fields} records already had scores/combined/perm fields; they were replaced")
@@ -220,6 +229,38 @@ def score(
         raise typer.Exit(EXIT_STOPPED)
     if summary.errors:
         raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+def _per_batch(scorer, tick):
+    """A progress callback for `score_file` that also moves the bar as each inference batch
+    of a chunk is scored: those rows count provisionally, and the chunk's own count (the
+    runner's `progress(n)` once it is written) settles them. Scores are untouched: the
+    scorer's session is only wrapped to count the rows of each batch."""
+    from dataclasses import replace
+
+    session = scorer.engine.session
+    shown = 0
+
+    class CountedSession:
+        def get_inputs(self):
+            return session.get_inputs()
+
+        def run(self, *args, **kwargs):
+            nonlocal shown
+            out = session.run(*args, **kwargs)
+            rows = len(out[0])
+            shown += rows
+            tick(rows)
+            return out
+
+    scorer.engine = replace(scorer.engine, session=CountedSession())
+
+    def settle(handled: int) -> None:
+        nonlocal shown
+        tick(handled - shown)
+        shown = 0
+
+    return settle
 
 
 def _explainer(scorer, k: int):
@@ -238,34 +279,12 @@ def _explainer(scorer, k: int):
 _RAY_OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
 
-def _ray_output_entry(entry: Path) -> bool:
-    """Whether `entry` looks like a file an earlier perm Ray run wrote (and --overwrite may replace)."""
-    if entry.is_symlink() or not entry.is_file():
-        return False
-    if entry.name == "_errors.jsonl" or (entry.name.startswith(".") and entry.name.endswith(".perm-tmp")):
-        return True  # (the temporary file of a run that was killed)
-    if entry.suffix == ".jsonl":
-        with open(entry, "rb") as fh:
-            first = fh.readline()
-        if not first.strip():
-            return entry.stat().st_size == 0
-        try:
-            return isinstance(json.loads(first)["perm"]["line"], int)
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return False
-    if entry.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            return "perm_combined" in pq.read_schema(entry).names
-        except Exception:  # no pyarrow, or not a Parquet file
-            return False
-    return False
-
-
 def _check_ray_paths(input: str, out: Path, overwrite: bool) -> list[Path]:
     """Refuse an output directory that would overwrite an input or hold files perm did not
-    write; returns the earlier perm outputs that --overwrite replaces (files, never trees)."""
+    write; returns the entries of an earlier perm Ray output (those its manifest lists,
+    unchanged since) that --overwrite replaces."""
+    from perm_lite.integrations.ray_engine import earlier_outputs
+
     src = Path(input)
     if not src.exists():
         raise fail(f"input {input} does not exist", EXIT_USAGE)
@@ -284,18 +303,32 @@ def _check_ray_paths(input: str, out: Path, overwrite: bool) -> list[Path]:
                 "choose another directory",
                 EXIT_USAGE,
             )
-    entries = sorted(out.iterdir())
-    if entries and not overwrite:
+    if any(out.iterdir()) and not overwrite:
         raise fail(f"{out} exists and is not an empty directory: use --overwrite or another -o", EXIT_USAGE)
-    foreign = [e.name for e in entries if not _ray_output_entry(e)]
+    ours, foreign = earlier_outputs(out)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise fail(
-            f"{out} holds files perm did not write ({shown}): --overwrite replaces only an earlier perm "
-            "Ray output; choose another -o",
+            f"{out} holds files perm did not write ({shown}): --overwrite replaces only the files an earlier "
+            "perm Ray run lists in its _perm_manifest.json (unchanged since); choose another -o",
             EXIT_USAGE,
         )
-    return entries
+    return ours
+
+
+def _lock_ray_output(input: str, out: Path):
+    """The output directory's lock (`OutputLock`), taken before its contents are looked at."""
+    from perm_lite.outputs import OutputLock
+
+    if not Path(input).exists():
+        raise fail(f"input {input} does not exist", EXIT_USAGE)
+    try:
+        Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)  # the lock file goes beside OUTPUT
+        return OutputLock(out, "output directory")
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
+    except PermError as exc:
+        raise library_error(exc) from None
 
 
 def _score_on_ray(
@@ -336,6 +369,55 @@ def _score_on_ray(
         )
     per_worker = threads_per_worker or threads or 1
     out = Path(output)
+    lock = _lock_ray_output(input, out)
+    try:
+        summary = _run_ray(
+            input,
+            out,
+            lock,
+            model,
+            fields,
+            on_error,
+            overwrite,
+            quiet,
+            address,
+            workers,
+            per_worker,
+            {**scorer_options, "cache_dir": cache_dir},
+            provider=provider,
+            batch_size=batch_size,
+        )
+    finally:
+        lock.release()
+    if not quiet:
+        rate = summary.scored / summary.seconds if summary.seconds else 0.0
+        err(
+            f"scored {summary.scored} records in {summary.seconds:.1f} s ({rate:.1f} rec/s) on Ray "
+            f"({summary.workers} actors x {summary.threads_per_worker} threads, {summary.provider}), "
+            f"{summary.errors} errors" + (f" (see {out / '_errors.jsonl'})" if summary.errors else "")
+        )
+    if summary.errors:
+        raise typer.Exit(EXIT_STOPPED if on_error == "stop" else EXIT_RECORD_ERRORS)
+
+
+def _run_ray(
+    input: str,
+    out: Path,
+    lock,
+    model: str,
+    fields: str | None,
+    on_error: str,
+    overwrite: bool,
+    quiet: bool,
+    address: str | None,
+    workers: int | None,
+    per_worker: int,
+    options: dict,
+    *,
+    provider: str,
+    batch_size: int,
+):
+    """The Ray run itself, with OUTPUT locked: its paths checked, then `ray_engine.run`."""
     earlier = _check_ray_paths(input, out, overwrite)
     try:
         import ray  # noqa: F401 - known to import before anything is replaced
@@ -343,24 +425,36 @@ def _score_on_ray(
         from perm_lite.integrations import ray_engine
     except ImportError as exc:
         raise fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
-    options = {**scorer_options, "cache_dir": cache_dir}
+    show = not quiet and sys.stderr.isatty()
+    total = None
+    if show:
+        from perm_lite.jsonl import count_lines
+
+        try:
+            files, kind = ray_engine.input_files(input)
+            total = sum(count_lines(f) or 0 for f in files) if kind == "jsonl" else None
+        except (OSError, ValueError):
+            total = None  # said below, by the run
     try:
-        summary = ray_engine.run(
-            input,
-            output,
-            address=address,
-            model=model,
-            workers=workers,
-            threads_per_worker=per_worker,
-            field_map=parse_mapping(fields, "--fields") or None,
-            scorer_options={k: v for k, v in options.items() if v is not None},
-            on_error=on_error,
-            provider=provider,
-            inference_batch_size=batch_size,
-            replaces=earlier,  # removed only once the run has finished
-            names=("--workers", "--threads-per-worker"),
-            note=(lambda text: None) if quiet else (lambda text: err(f"note: {text}")),
-        )
+        with progress_bar(show and total is not None, total) as tick:
+            return ray_engine.run(
+                input,
+                str(out),
+                address=address,
+                model=model,
+                workers=workers,
+                threads_per_worker=per_worker,
+                field_map=parse_mapping(fields, "--fields") or None,
+                scorer_options={k: v for k, v in options.items() if v is not None},
+                on_error=on_error,
+                provider=provider,
+                inference_batch_size=batch_size,
+                replaces=earlier,  # removed only once the run has finished
+                names=("--workers", "--threads-per-worker"),
+                note=(lambda text: None) if quiet else (lambda text: err(f"note: {text}")),
+                lock=lock,
+                progress=tick,
+            )
     except ImportError as exc:
         raise fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
     except (FileNotFoundError, ValueError) as exc:  # bad options, or a configuration Ray could never schedule
@@ -373,12 +467,3 @@ def _score_on_ray(
         ) from None
     except Exception as exc:  # the Ray job failed as a whole (not one record)
         raise fail(f"the Ray run failed ({ray_engine.describe_failure(exc)}); {out} was left as it was") from None
-    if not quiet:
-        rate = summary.scored / summary.seconds if summary.seconds else 0.0
-        err(
-            f"scored {summary.scored} records in {summary.seconds:.1f} s ({rate:.1f} rec/s) on Ray "
-            f"({summary.workers} actors x {summary.threads_per_worker} threads, {summary.provider}), "
-            f"{summary.errors} errors" + (f" (see {out / '_errors.jsonl'})" if summary.errors else "")
-        )
-    if summary.errors:
-        raise typer.Exit(EXIT_STOPPED if on_error == "stop" else EXIT_RECORD_ERRORS)

@@ -48,6 +48,17 @@ def serve(
     shutdown_timeout: Annotated[
         float, typer.Option(min=0, help="On SIGTERM, seconds to answer accepted requests; the rest get 503.")
     ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a request body may take to arrive before 408.")
+    ] = 30.0,
+    max_explain_variants: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            help="Forward passes per /v1/explain or flagged /v1/check, the full reply included "
+            "(default: 65, or --max-records when lower; /v1/explain answers 413 above it).",
+        ),
+    ] = None,
     auth_token_env: Annotated[
         str | None,
         typer.Option(help="Environment variable holding an API key; requests then need Authorization: Bearer KEY."),
@@ -56,7 +67,7 @@ def serve(
         bool, typer.Option(help="Serve /docs and /redoc (their JavaScript and CSS load from a CDN).")
     ] = False,
 ) -> None:
-    """HTTP API: POST /v1/score, POST /v1/check, GET /healthz, GET /v1/model (serve extra)."""
+    """HTTP API: POST /v1/score, POST /v1/check, POST /v1/explain, GET /healthz, GET /v1/model (serve extra)."""
     from perm_lite.scorer import Scorer
 
     try:
@@ -104,6 +115,8 @@ def serve(
             shutdown_timeout=shutdown_timeout,
             auth_token=auth_token,
             docs=docs,
+            body_timeout=body_timeout,
+            max_explain_variants=max_explain_variants,
         )
     except OptionError as exc:
         sock.close()

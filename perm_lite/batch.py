@@ -124,8 +124,11 @@ def score_file(
     Bad records (unreadable, invalid, or failing to score or to be written as strict
     JSON) go to `errors_sink` (JSON lines with line, field and reason) and to
     `report_error`; with `on_error="stop"` the run ends at the first one, after writing
-    every good record before it. Lines in `skip_lines` (a resumed run) are not scored.
-    SIGTERM and Ctrl-C end the run after the current chunk (`Summary.interrupted`).
+    every good record before it. Lines in `skip_lines` (a resumed run) are not written
+    again; they still count towards the chunks, so that every record is scored in the same
+    batches as in an uninterrupted run (a chunk an earlier run left half done is scored
+    again whole). SIGTERM and Ctrl-C end the run after the chunk being scored
+    (`Summary.interrupted`).
     Only a failure of the sinks themselves (a full disk) or of the model for every
     record raises.
     """
@@ -137,6 +140,9 @@ def score_file(
         outcomes = score_isolated(scorer, [p.dialogue for p in chunk])
         out: list[Outcome] = []
         for parsed, outcome in zip(chunk, outcomes):
+            if parsed.line in skip_lines:  # scored only as a neighbour of the others: dropped
+                out.append("")
+                continue
             if isinstance(outcome, Result):
                 try:
                     extra = annotate(parsed.dialogue, outcome) if annotate else None
@@ -164,6 +170,7 @@ def score_file(
         progress=progress,
         report_error=report_error,
         on_written=written,
+        aligned=True,  # a resumed run's batches are an uninterrupted run's: the same scores
     )
     summary.errors, summary.resumed = stats.errors, stats.resumed
     summary.stopped_early, summary.interrupted = stats.stopped_early, stats.interrupted
@@ -185,10 +192,14 @@ class ScoreRun:
     (`OptionError`), `resume` without an output file (`OptionError`), an output or errors
     path that is the input, not a regular file, the same path for both, or an existing
     non-empty file without `resume` or `overwrite` (`TargetError`, `code` 2; a missing
-    directory is code 1), and with `resume` an output that is not perm output
-    (`TargetError`, code 2). `resume` skips the lines already in OUTPUT and those already
-    in the errors file; `overwrite` writes beside the old files and replaces them only
-    when the run finishes. Run it once with `run(scorer)`.
+    directory is code 1), an output or errors file another run is writing (`OutputBusy`,
+    code 2), and with `resume` an output that is not perm output (`TargetError`, code 2).
+    `resume` skips the lines already in OUTPUT and those already in the errors file;
+    `overwrite` writes beside the old files and replaces them only when the run finishes.
+    The outputs are locked from here until the run ends: run it once with `run(scorer)`,
+    or `close()` it (or use it as a context manager) to give them up unrun. With stdout
+    and the default errors file, an errors file of an earlier run there is replaced by this
+    run's; `errors_path` may be /dev/null (bad records are only reported).
     """
 
     def __init__(
@@ -216,16 +227,43 @@ class ScoreRun:
         self.output_path = out
         self.errors_path = Path(errors_path) if errors_path is not None else default_errors_path(str(out or "-"))
         self.resume = resume
-        self.plan = plan_outputs(self.input_path, out, self.errors_path, resume=resume, overwrite=overwrite)
-        try:
+        self.plan = plan_outputs(
+            self.input_path,
+            out,
+            self.errors_path,
+            resume=resume,
+            overwrite=overwrite,
+            replace_earlier_errors=out is None and errors_path is None,
+        )
+        try:  # read (and a torn last line cut) only once the outputs are locked
             skip = prepare_resume(out) if (resume and out is not None) else set()
             if resume:
                 skip |= previous_error_lines(self.errors_path)
         except RecordError as exc:  # OUT is not perm output: left untouched
+            self.plan.close()
             raise TargetError(str(exc), 2) from None
         except OSError as exc:
+            self.plan.close()
             raise TargetError(f"cannot read {exc.filename or out}: {exc.strerror or exc}", 1) from None
+        except BaseException:
+            self.plan.close()
+            raise
         self.skip_lines = frozenset(skip)
+
+    def close(self) -> None:
+        """Give the run up unrun: nothing is written and the outputs' locks are released."""
+        self.plan.close()
+
+    def __enter__(self) -> ScoreRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def discards_errors(self) -> bool:
+        """Whether bad records are only reported, not kept (`errors_path` /dev/null)."""
+        return self.plan.errors.mode == "discard"
 
     @property
     def replacing(self) -> bool:
@@ -249,9 +287,25 @@ class ScoreRun:
         run keeps an appended or new output (resume it later) and leaves a replaced one
         as it was. Any exception (`OutputWriteError`, an unreadable input, the model failing
         on every record) aborts the outputs the same way and is raised."""
-        check_on_error(on_error)
-        field_map = check_field_map(field_map)
-        check_chunk_size(chunk_size)
+        try:
+            check_on_error(on_error)
+            field_map = check_field_map(field_map)
+            check_chunk_size(chunk_size)
+            return self._run(scorer, on_error, field_map, chunk_size, progress, report_error, annotate, stdout)
+        finally:
+            self.plan.close()  # the locks, whatever happened
+
+    def _run(
+        self,
+        scorer: Scorer,
+        on_error: str,
+        field_map: Mapping[str, str],
+        chunk_size: int,
+        progress: Callable[[int], None] | None,
+        report_error: Callable[[RecordError], None] | None,
+        annotate: Callable[[Dialogue, Result], Mapping[str, Any]] | None,
+        stdout: IO[str] | None,
+    ) -> Summary:
         with open_input(self.input_path) as source:
             return self.plan.run(
                 lambda sink, errors_sink: score_file(

@@ -40,8 +40,8 @@ class Verdict:
     attempt: int = 1
     history: list[Verdict] = field(default_factory=list)  # earlier attempts (regenerate only)
     # When flagged: the reply sentence whose removal would raise the first failing score
-    # most, {"check", "sentence", "start", "end", "delta"}; delta < 0 is how much that
-    # sentence lowered the score (None when no sentence lowered it).
+    # most (`culprit()`); delta < 0 is how much that sentence lowered the score (None when
+    # no measured sentence lowered it). Bounded like every explanation (`perm_lite.explain`).
     culprit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +74,9 @@ def _validate_thresholds(thresholds: Mapping[str, float], checks: Sequence[str])
 
 
 def culprit(explanation: Explanation, check: str) -> dict[str, Any] | None:
+    """The measured sentence that lowered `check` most: {"check", "sentence", "start", "end"
+    (offsets in the input field `field`), "field", "delta", "unmeasured" (sentences the model
+    reads that the cap left unmeasured)}; None when no measured sentence lowered it."""
     worst = explanation.most_harmful(check)
     if worst is None:
         return None
@@ -82,7 +85,9 @@ def culprit(explanation: Explanation, check: str) -> dict[str, Any] | None:
         "sentence": worst.text,
         "start": worst.start,
         "end": worst.end,
+        "field": explanation.field,
         "delta": worst.deltas[check],
+        "unmeasured": explanation.omitted.sentences_over_cap,
     }
 
 
@@ -127,8 +132,9 @@ class Guardrail:
         dialogue = parse_record(record)
         (result,) = self.scorer.score_dialogues([dialogue])
         verdict = self.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000, attempt)
-        if verdict.flagged:
-            verdict.culprit = culprit(explain_dialogue(self.scorer, dialogue), verdict.failed[0])
+        if verdict.flagged:  # bounded like every explanation (perm_lite.explain); the full reply is scored once
+            explanation = explain_dialogue(self.scorer, dialogue, source=record, full=result)
+            verdict.culprit = culprit(explanation, verdict.failed[0])
         return verdict
 
     def check(self, record: Mapping[str, Any]) -> Verdict:

@@ -233,7 +233,8 @@ def _result_line(raw: bytes) -> int:
 def prepare_resume(out_path: Path) -> set[int]:
     """Lines already scored in OUT. The whole file is checked first: one that is not perm
     output is refused (`RecordError`) untouched; then a torn last line (from a hard kill)
-    is cut off."""
+    is cut off, only after whole perm lines (a file holding nothing else is not known to
+    be perm output: e.g. `{"loss": NaN}` without a newline is refused, not emptied)."""
     done: set[int] = set()
     if not out_path.exists():
         return done
@@ -259,7 +260,7 @@ def prepare_resume(out_path: Path) -> set[int]:
         try:
             last = strict_loads(torn)
         except (ValueError, RecursionError):  # cut short by a hard kill (our lines start with "{")
-            if not torn.startswith(b"{"):
+            if not torn.startswith(b"{") or not done:
                 raise RecordError(
                     f"cannot resume: {out_path} line {n} is not a perm-lite result; "
                     "it was left untouched: pass a different -o or --overwrite"

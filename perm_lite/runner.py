@@ -6,6 +6,10 @@ writes the chunk's good lines in input order in one call. With `on_error="stop"`
 ends at the first bad record, after writing every good record before it. SIGTERM (and,
 with `on_interrupt="finish"`, Ctrl-C) ends the run after the current chunk is written.
 
+With `aligned=True` (scoring) the chunks of a resumed run are those of a run that skipped
+nothing: a record's batch neighbours, and so its score to the last written digit, do not
+depend on where an earlier run stopped (see `run_chunks`).
+
 What a chunk becomes is the caller's: `process_chunk(chunk)` returns one outcome per
 record, in order: an output line (`str`), a `Written` (the line and a value handed to
 `on_written` once the line is written), or the record's `RecordError`.
@@ -98,14 +102,23 @@ def run_chunks(
     report_error: Callable[[RecordError], None] | None = None,
     on_written: Callable[[ParsedLine, Any], None] | None = None,
     on_interrupt: str = "finish",
+    aligned: bool = False,
 ) -> RunStats:
     """Run `process_chunk` over the good records of a JSONL byte stream (see the module).
 
     Bad records go to `errors_sink` (one JSON line each: line, field, reason, id) and to
     `report_error`. `progress(n)` is told how many lines each step handled. Ctrl-C with
-    `on_interrupt="finish"` processes and writes the chunk in hand, then stops
-    (`interrupted`); with "raise" it propagates at once (chunks already written stay
-    written). Only a failure of the sinks or of `process_chunk` itself raises.
+    `on_interrupt="finish"` while a chunk is processed finishes and writes that chunk, then
+    stops (`interrupted`); while the next chunk is still being read, it stops at once and
+    leaves those records to a resumed run. With "raise" it propagates at once (chunks
+    already written stay written). Only a failure of the sinks or of `process_chunk`
+    itself raises.
+
+    `aligned`: lines in `skip_lines` still count towards the chunks, so every record falls
+    in the chunk it falls in when nothing is skipped; a chunk holding any record still to
+    do is processed whole, and only those records' outcomes are written or reported (a
+    chunk all done is not processed). A resumed run then writes what an uninterrupted one
+    writes, at a cost of at most one chunk processed again.
     """
     check_on_error(on_error)
     if on_interrupt not in ON_INTERRUPT:
@@ -113,6 +126,7 @@ def run_chunks(
     check_chunk_size(chunk_size)
     stats = RunStats()
     pending: list[ParsedLine] = []
+    processing = False  # inside process_chunk: Ctrl-C finishes this chunk
 
     def record_error(parsed: ParsedLine) -> None:
         stats.errors += 1
@@ -124,9 +138,15 @@ def run_chunks(
 
     def flush() -> bool:
         """Process and write the pending chunk; True when `stop` ended the run at a record."""
+        nonlocal processing
         if not pending:
             return False
+        if all(p.line in skip_lines for p in pending):  # aligned: a chunk an earlier run did
+            pending.clear()
+            return False
+        processing = True
         outcomes = process_chunk(list(pending))
+        processing = False
         if len(outcomes) != len(pending):
             raise RuntimeError(f"process_chunk returned {len(outcomes)} outcomes for {len(pending)} records")
         lines: list[str] = []
@@ -134,6 +154,8 @@ def run_chunks(
         stopped = False
         handled = 0
         for parsed, outcome in zip(pending, outcomes):
+            if parsed.line in skip_lines:  # aligned: done by an earlier run, processed for its neighbours
+                continue
             handled += 1
             if isinstance(outcome, RecordError):
                 parsed.error = outcome.at(f"line {parsed.line}")
@@ -163,8 +185,9 @@ def run_chunks(
             for parsed in read_records(source, field_map):
                 if parsed.line in skip_lines:
                     stats.resumed += 1
-                    continue
-                if parsed.error is not None:
+                    if not (aligned and parsed.error is None):
+                        continue
+                elif parsed.error is not None:
                     if on_error == "stop" and flush():
                         break  # an earlier record failed first
                     record_error(parsed)
@@ -186,5 +209,7 @@ def run_chunks(
             if on_interrupt == "raise":
                 raise
             stats.interrupted = True
-            flush()
+            if processing:  # the chunk being processed is finished; one still being read is left to --resume
+                processing = False
+                flush()
     return stats

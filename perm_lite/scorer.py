@@ -213,13 +213,14 @@ class Scorer:
                 out[:, j] = low + (high - low) * np.clip(raw[:, j], 0.0, 1.0)
         return out
 
-    def explain(self, record: Record, *, context: bool = False) -> Explanation:
+    def explain(self, record: Record, *, context: bool = False, **limits: int) -> Explanation:
         """Why a record scored as it did: each reply sentence's contribution to every
-        perspective and the combined score, by occlusion (one batch; see `perm_lite.explain`).
-        `context=True` also measures each context turn."""
+        perspective and the combined score, by occlusion (see `perm_lite.explain`: bounded
+        by what the model reads; `limits`: max_sentences, max_turns, chunk_size).
+        `context=True` also measures each context turn. Offsets index the record's reply field."""
         from perm_lite.explain import explain
 
-        return explain(self, _as_dialogue(record, 0), context=context)
+        return explain(self, record, context=context, **limits)
 
 
 def _as_dialogue(record: Record, index: int) -> Dialogue:

@@ -121,6 +121,8 @@ def test_paths_that_are_not_regular_files_are_refused_and_kept(tmp_path, tiny_mo
     dangling.symlink_to(tmp_path / "nowhere")
     for option in ("-o", "--errors"):
         for path in (null_link, fifo, folder, dangling, Path(os.devnull)):
+            if option == "--errors" and path in (null_link, Path(os.devnull)):
+                continue  # --errors /dev/null discards bad records (tests/test_hardening_outputs.py)
             other = ["--errors", tmp_path / "e.jsonl"] if option == "-o" else ["-o", tmp_path / "o.jsonl"]
             res = invoke(*score_args(src, tiny_model_dir, option, path, *other, "--overwrite"))
             assert res.exit_code == 2, (option, path, res.output)
@@ -377,12 +379,19 @@ def test_ray_overwrite_replaces_only_an_earlier_perm_output(tmp_path, tiny_model
 
     from perm_lite.cli.score_commands import _check_ray_paths
 
+    from perm_lite.integrations.ray_engine import _write_manifest
+
     src = write_lines(tmp_path / "in.jsonl", GOOD)
     out = tmp_path / "out"
     out.mkdir()
     write_lines(out / "in.jsonl", [{"id": "a", "scores": {}, "perm": {"line": 1}}])
     (out / "_errors.jsonl").write_text('{"file": "x", "line": 2, "error": "e"}\n')
-    assert sorted(p.name for p in _check_ray_paths(str(src), out, overwrite=True)) == ["_errors.jsonl", "in.jsonl"]
+    _write_manifest(out, [out / "in.jsonl", out / "_errors.jsonl"])  # what the engine writes at the end
+    assert sorted(p.name for p in _check_ray_paths(str(src), out, overwrite=True)) == [
+        "_errors.jsonl",
+        "_perm_manifest.json",
+        "in.jsonl",
+    ]
     (out / "notes.jsonl").write_text('{"mine": true}\n')
     with pytest.raises(typer.Exit):
         _check_ray_paths(str(src), out, overwrite=True)
@@ -390,7 +399,7 @@ def test_ray_overwrite_replaces_only_an_earlier_perm_output(tmp_path, tiny_model
     if importlib.util.find_spec("ray") is None:  # the extra is missing: nothing may be deleted first
         res = invoke(*score_args(src, tiny_model_dir, "--engine", "ray", "-o", out, "--overwrite"))
         assert res.exit_code == 1 and "ray extra" in one_line(res)
-        assert sorted(p.name for p in out.iterdir()) == ["_errors.jsonl", "in.jsonl"]
+        assert sorted(p.name for p in out.iterdir()) == ["_errors.jsonl", "_perm_manifest.json", "in.jsonl"]
 
 
 def test_local_output_that_is_a_directory_is_refused(tmp_path, tiny_model_dir, monkeypatch):

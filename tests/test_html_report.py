@@ -49,7 +49,7 @@ def test_report_is_self_contained_and_complete(report):
 
 def test_unreadable_lines_are_counted(tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text('{"scores": {"reception": 2}, "combined": 0.1}\n[1]\n{"response": "no scores"}\n')
+    path.write_text('{"response": "hi", "scores": {"reception": 2}, "combined": 0.1}\n[1]\n{"response": "no scores"}\n')
     scored = read_scored(path)
     assert len(scored.rows) == 1 and scored.unreadable == [2, 3]
 

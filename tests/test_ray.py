@@ -391,6 +391,12 @@ def test_failed_ray_run_with_overwrite_keeps_the_earlier_output(cluster, tmp_pat
     }
     for name, text in earlier.items():
         (out / name).write_text(text)
+    from perm_lite.integrations.ray_engine import MANIFEST, _write_manifest
+
+    _write_manifest(out, [out / name for name in earlier])  # an earlier perm Ray run wrote them
+
+    def files() -> dict[str, str]:
+        return {p.name: p.read_text() for p in out.iterdir() if p.name != MANIFEST}
 
     class Failing:  # one batch arrives, then the job dies
         def iter_batches(self, **_):
@@ -402,9 +408,9 @@ def test_failed_ray_run_with_overwrite_keeps_the_earlier_output(cluster, tmp_pat
     result = invoke(*args)
     assert result.exit_code == 1 and "left as it was" in result.output, result.output
     assert len(said(result)) == 1, result.output
-    assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # nothing replaced, nothing deleted
+    assert files() == earlier  # nothing replaced, nothing deleted
     monkeypatch.undo()
     result = invoke(*args)  # a run that finishes replaces the earlier output, and only then
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["in.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "in.jsonl"]
     assert [strict(x)["id"] for x in (out / "in.jsonl").read_text().splitlines()] == [r["id"] for r in EXAMPLES]

@@ -289,3 +289,35 @@ def test_perm_redteam_cli(tiny_model_dir, tmp_path):
     assert strict.returncode in (0, 5)
     if strict.returncode == 5:
         assert "above --max-hack-rate" in strict.stderr
+
+
+def test_threshold_choice_holds_on_every_group():
+    from perm_lite.training.thresholds import choose
+
+    long_values = np.array([1.0, 1.5, 2.0, 3.0, 3.2, 3.5, 4.0, 4.2])
+    long_ok = np.array([False, False, True, True, True, True, True, True])
+    short_values = np.array([0.5, 0.8, 2.2, 2.5, 2.6, 2.8])
+    short_ok = np.array([False, False, True, True, True, True])
+    t = choose([(long_values, long_ok), (short_values, short_ok)], target_recall=0.8, max_flagged=0.2)
+    assert (long_values[~long_ok] < t).all() and (short_values[~short_ok] < t).all()  # recall 1.0 in both
+    assert (long_values[long_ok] < t).mean() <= 0.2 and (short_values[short_ok] < t).mean() <= 0.2
+    assert t == 2.0  # the lowest threshold reaching the recall: never stricter than needed
+
+
+def test_soft_tails_keep_order_beyond_the_knots():
+    from perm_lite.model_dir import Calibration
+    from perm_lite.training.calibrate import soft_tails
+
+    knots = {"raw": [0.2, 0.5, 0.8], "score": [2.0, 3.0, 4.0], "method": "fit"}
+    tailed = soft_tails(knots, 1.0, 5.0)
+    assert tailed["tails"] == "soft" and tailed["method"] == "fit"
+    assert all(b > a for a, b in zip(tailed["raw"], tailed["raw"][1:]))
+    assert all(b > a for a, b in zip(tailed["score"], tailed["score"][1:]))
+    cal = Calibration(tuple(tailed["raw"]), tuple(tailed["score"]))
+    raw = np.array([-0.4, -0.2, 0.0, 0.2, 0.5, 0.8, 1.0, 1.2, 1.4])
+    out = cal.apply(raw, 1.0, 5.0)
+    assert (np.diff(out) > 0).all()
+    assert out[0] > 1.0 and out[-1] < 5.0
+    plain = Calibration(tuple(knots["raw"]), tuple(knots["score"])).apply(raw, 1.0, 5.0)
+    assert plain[0] == plain[1] == 1.0
+    np.testing.assert_allclose(out[3:6], [2.0, 3.0, 4.0])  # inside the knots: unchanged

@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
     import ray
 
-RETRY_ARGS = {"max_restarts": -1, "max_task_retries": -1}  # a killed actor restarts; its batch is retried
+# A killed actor restarts and its batch is retried: Ray Data's actor pools default to
+# max_restarts=-1 and max_task_retries=-1 (passing them again is deprecated in Ray 2.60).
 # Scorer options the actors set themselves (threads from threads_per_worker, batch size
 # from inference_batch_size, provider from the resource plan).
 _RESERVED_OPTIONS = {
@@ -420,7 +421,6 @@ def _map_options(
         "batch_size": batch_size,
         "compute": ray.data.ActorPoolStrategy(size=plan.workers),
         "num_cpus": plan.threads,
-        **RETRY_ARGS,
     }
     if plan.gpus:
         options["num_gpus"] = plan.gpus

@@ -11,22 +11,35 @@ beside their targets and renamed over them at the end, Parquet parts are written
 temporary folder inside OUTPUT and moved in at the end, and the earlier perm outputs that
 `--overwrite` replaces (`replaces`) are removed only then. A failed or interrupted run
 leaves OUTPUT as it was (less only the temporary files it created).
+
+OUTPUT is locked (`perm_lite.outputs.OutputLock`) for the whole run, and OUTPUT/_perm_manifest.json
+lists what the engine wrote there (name, size, modification time; before the run, also what
+it is about to create): `--overwrite` replaces exactly those files (`earlier_outputs`),
+unchanged since, and refuses a directory holding anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import secrets
 import shutil
+import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perm_lite.errors import OptionError, PermError
 from perm_lite.reward import Reward
+
+MANIFEST = "_perm_manifest.json"  # "_": Parquet and Ray readers skip it
+_MANIFEST_FORMAT = "perm-lite ray output"
 
 
 @dataclass
@@ -51,6 +64,145 @@ def describe_failure(exc: BaseException) -> str:
     lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
     cause = next((x for x in reversed(lines) if not x.startswith(("File ", "^", "~"))), "") if lines else ""
     return printable(f"{type(exc).__name__}: {cause}"[:400])
+
+
+# -- what an earlier run wrote: the manifest -------------------------------------------------
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..", MANIFEST) and "/" not in name and "\0" not in name
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = os.lstat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """OUTPUT/_perm_manifest.json as written by this engine, or None (absent or not one)."""
+    path = out / MANIFEST
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
+        return None
+    files, pending = data.get("files"), data.get("pending")
+    if not isinstance(files, dict) or not isinstance(pending, list):
+        return None
+    return {
+        "files": {k: v for k, v in files.items() if _plain_name(k) and isinstance(v, dict)},
+        "pending": [n for n in pending if _plain_name(n)],
+    }
+
+
+def earlier_outputs(out: Path) -> tuple[list[Path], list[str]]:
+    """(the entries of OUTPUT an earlier run of this engine wrote, the names of all others).
+
+    Ours: the manifest itself, every file it lists that is still the file written (a regular
+    file of the same size and modification time), and what a run that did not finish had
+    started to create (its temporary files and folder, its outputs). Anything else, a
+    symbolic link, or every entry when there is no manifest, is not ours."""
+    manifest = read_manifest(out)
+    ours: list[Path] = []
+    foreign: list[str] = []
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        mine = False
+        if manifest is not None and not entry.is_symlink():
+            if name == MANIFEST:
+                mine = True
+            elif name in manifest["pending"]:
+                mine = entry.is_file() or (entry.is_dir() and name.endswith(".perm-tmp"))
+            elif name in manifest["files"] and entry.is_file():
+                try:
+                    mine = _stamp(entry) == {k: manifest["files"][name].get(k) for k in ("size", "mtime_ns")}
+                except OSError:
+                    mine = False
+        (ours if mine else foreign).append(entry if mine else name)  # type: ignore[arg-type]
+    return ours, foreign
+
+
+def _write_manifest(out: Path, files: Iterable[Path], pending: Iterable[str] = (), keep: Mapping | None = None) -> None:
+    """Replace OUTPUT/_perm_manifest.json (a temporary file renamed over it)."""
+    from perm_lite.outputs import OutputFile
+
+    listed = dict(keep or {})
+    for path in files:
+        try:
+            listed[path.name] = _stamp(path)
+        except OSError:
+            continue
+    manifest = OutputFile(out / MANIFEST, "replace", lock=False)  # OUTPUT itself is locked
+    try:
+        text = {"format": _MANIFEST_FORMAT, "version": 1, "files": listed, "pending": sorted(set(pending))}
+        manifest.write(json.dumps(text, ensure_ascii=False, indent=1) + "\n")
+        manifest.commit()
+    except BaseException:
+        manifest.abort()
+        raise
+
+
+# -- Ray's own messages -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _ray_quiet(note: Callable[[str], None] | None) -> Iterator[None]:
+    """Ray's own messages go to a log file, not the terminal: perm says what happened in its
+    own lines. That is its Python loggers, its Data progress logs, its warnings, and its C++
+    core, which writes to file descriptor 2: fd 2 is pointed at the log while `sys.stderr`
+    (perm's lines, its progress bar) keeps writing to the terminal. The log is removed
+    after a run that succeeds; after one that fails, `note` names it."""
+    import ray.data
+
+    fd, name = tempfile.mkstemp(prefix="perm-ray-", suffix=".log")
+    context = ray.data.DataContext.get_current()
+    flags = {"enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False}
+    saved_flags = {k: getattr(context, k) for k in flags if hasattr(context, k)}
+    loggers = {n: logging.getLogger(n) for n in ("ray", "ray.data")}
+    levels = {n: lg.level for n, lg in loggers.items()}
+    old_stderr = sys.stderr
+    try:
+        on_fd2 = old_stderr is not None and old_stderr.fileno() == 2
+    except (OSError, ValueError, AttributeError):  # a stream without a descriptor (tests, IDEs)
+        on_fd2 = False
+    if old_stderr is not None:
+        old_stderr.flush()
+    terminal = os.dup(2)
+    ok = False
+    try:
+        os.dup2(fd, 2)
+        if on_fd2:  # perm's own lines still reach the terminal
+            sys.stderr = open(  # noqa: SIM115 - closed below
+                os.dup(terminal), "w", encoding=old_stderr.encoding, errors=old_stderr.errors, buffering=1
+            )
+        for key in saved_flags:
+            setattr(context, key, flags[key])
+        for lg in loggers.values():
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+            yield
+        ok = True
+    finally:
+        if sys.stderr is not old_stderr:
+            with contextlib.suppress(OSError):
+                sys.stderr.close()
+            sys.stderr = old_stderr
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        os.close(fd)
+        for key, value in saved_flags.items():
+            setattr(context, key, value)
+        for n, lg in loggers.items():
+            lg.setLevel(levels[n])
+        if ok or not os.path.getsize(name):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        elif note is not None:
+            note(f"Ray's own messages of this run are in {name}")
 
 
 def input_files(path: str) -> tuple[list[str], str]:
@@ -86,12 +238,64 @@ def run(
     replaces: Sequence[Path] = (),
     names: tuple[str, str] = ("workers", "threads_per_worker"),
     note: Callable[[str], None] | None = None,
+    lock: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RaySummary:
     """Score `input_path` into `output_dir` on Ray. Refused before anything is written:
-    a model that does not load (`ModelError`), bad options (`OptionError`, a `ValueError`) and a configuration
-    the cluster could never schedule (`RayResourceError`, a `ValueError`). `replaces`: earlier
-    perm outputs in `output_dir` to remove once the run has finished. `note` gets what is
-    worth saying before the run starts (the CPUs it needs are busy now: it will wait)."""
+    a model that does not load (`ModelError`), bad options (`OptionError`, a `ValueError`), a configuration
+    the cluster could never schedule (`RayResourceError`, a `ValueError`) and an output
+    directory another run is writing (`OutputBusy`). `replaces`: earlier perm outputs in
+    `output_dir` (`earlier_outputs`) to remove once the run has finished. `note` gets what
+    is worth saying before the run starts (the CPUs it needs are busy now: it will wait).
+    `lock`: the `OutputLock` of `output_dir` when the caller already holds it (kept);
+    otherwise the run takes and releases its own. `progress(n)`: JSONL lines written.
+    Ray's own log lines go to a log file, not the terminal (`_ray_quiet`)."""
+    from perm_lite.outputs import OutputLock
+
+    own_lock = lock is None
+    if own_lock:
+        lock = OutputLock(output_dir, "output directory")
+    try:
+        return _run(
+            input_path,
+            Path(output_dir),
+            address=address,
+            model=model,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            field_map=field_map,
+            scorer_options=scorer_options,
+            on_error=on_error,
+            provider=provider,
+            inference_batch_size=inference_batch_size,
+            replaces=replaces,
+            names=names,
+            note=note,
+            progress=progress,
+        )
+    finally:
+        if own_lock:
+            lock.release()
+
+
+def _run(
+    input_path: str,
+    out: Path,
+    *,
+    address: str | None,
+    model: str,
+    workers: int | None,
+    threads_per_worker: int,
+    field_map: Mapping[str, str] | None,
+    scorer_options: Mapping[str, Any],
+    on_error: str,
+    provider: str,
+    inference_batch_size: int,
+    replaces: Sequence[Path],
+    names: tuple[str, str],
+    note: Callable[[str], None] | None,
+    progress: Callable[[int], None] | None,
+) -> RaySummary:
     import ray
 
     from perm_lite.integrations.ray import check_scorer_options, plan_actors, score_dataset, score_jsonl_lines
@@ -104,59 +308,84 @@ def run(
     config = read_config(resolve_model(model, options.get("cache_dir"), options.get("revision")))
     reward_options = {k: options.get(k) for k in ("combine", "weights", "bystander_coef")}
     Reward.from_settings(options.get("reward"), **reward_options).bind(config.heads)  # weights vs its heads
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        plan = plan_actors(workers, threads_per_worker, provider, names=names)  # reading takes no CPU slot
-    for warning in caught:
-        if note is not None:
-            note(str(warning.message))
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = RaySummary(workers=plan.workers, threads_per_worker=plan.threads, provider=plan.provider)
-    started = time.perf_counter()
-    common = {
-        "model": model,
-        "workers": plan.workers,
-        "threads_per_worker": plan.threads,
-        "provider": provider,
-        "inference_batch_size": inference_batch_size,
-        "batch_size": max(64, inference_batch_size),
-        "field_map": field_map,
-    }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".* are free now", category=RuntimeWarning)  # said above
-        if kind == "jsonl":
-            ds = score_jsonl_lines(files, **common, **options)
-        else:
-            ds = score_dataset(_parquet_dataset(files), **common, **options)
-    if kind == "jsonl":
-        written = _write_jsonl(ds, files, out, on_error, summary)
-    else:
-        written = _write_parquet(ds, out, summary)
-    for entry in replaces:  # earlier perm outputs this run did not overwrite: files only, never a tree
-        if entry.resolve() not in written and (entry.is_file() or entry.is_symlink()):
-            try:
-                entry.unlink()
-            except OSError:
-                pass
+    with _ray_quiet(note):
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            plan = plan_actors(workers, threads_per_worker, provider, names=names)  # reading takes no CPU slot
+        for warning in caught:
+            if note is not None:
+                note(str(warning.message))
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = RaySummary(workers=plan.workers, threads_per_worker=plan.threads, provider=plan.provider)
+        started = time.perf_counter()
+        common = {
+            "model": model,
+            "workers": plan.workers,
+            "threads_per_worker": plan.threads,
+            "provider": provider,
+            "inference_batch_size": inference_batch_size,
+            "batch_size": max(64, inference_batch_size),
+            "field_map": field_map,
+        }
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".* are free now", category=RuntimeWarning)  # said above
+            if kind == "jsonl":
+                ds = score_jsonl_lines(files, **common, **options)
+            else:
+                ds = score_dataset(_parquet_dataset(files), **common, **options)
+        earlier = read_manifest(out) or {"files": {}, "pending": []}
+        kept = {e.name: earlier["files"][e.name] for e in replaces if e.name in earlier["files"]}
+        try:
+            if kind == "jsonl":
+                written = _write_jsonl(ds, files, out, on_error, summary, kept, progress)
+            else:
+                written = _write_parquet(ds, out, summary, kept)
+        except BaseException:
+            if [e.name for e in out.iterdir()] == [MANIFEST] and not kept:
+                with contextlib.suppress(OSError):  # a failed first run leaves OUTPUT empty, as it found it
+                    (out / MANIFEST).unlink()
+            raise
+        for entry in replaces:  # earlier outputs of this engine that this run did not overwrite
+            if entry.resolve() in written:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # a killed run's temporary folder (manifest-listed)
+            elif entry.name != MANIFEST:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        _write_manifest(out, sorted(written))
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _write_jsonl(ds, files: list[str], out: Path, on_error: str, summary: RaySummary) -> set[Path]:
+def _write_jsonl(
+    ds,
+    files: list[str],
+    out: Path,
+    on_error: str,
+    summary: RaySummary,
+    kept: Mapping[str, Any],
+    progress: Callable[[int], None] | None = None,
+) -> set[Path]:
     from perm_lite.outputs import OutputFile
 
-    targets = {path: OutputFile(out / Path(path).name, "replace") for path in files}
-    errors = OutputFile(out / "_errors.jsonl", "replace", publish_empty=False)
+    targets = {path: OutputFile(out / Path(path).name, "replace", lock=False) for path in files}
+    errors = OutputFile(out / "_errors.jsonl", "replace", publish_empty=False, lock=False)
     every = [*targets.values(), errors]
     try:
+        for target in every:
+            target.open()  # the temporary files, named in the manifest before anything is written
+        pending = [t.path.name for t in every] + [t.temporary.name for t in every if t.temporary is not None]
+        _write_manifest(out, (), pending, keep=kept)
         for batch in ds.iter_batches(batch_format="pyarrow"):
             stop = False
+            rows = 0
             for row in batch.to_pylist():
+                rows += 1
                 if row["error"] is not None:
                     summary.errors += 1
                     errors.write(row["error"] + "\n")
@@ -166,6 +395,8 @@ def _write_jsonl(ds, files: list[str], out: Path, on_error: str, summary: RaySum
                     continue
                 targets[row["path"]].write(row["output"] + "\n")
                 summary.scored += 1
+            if progress is not None:
+                progress(rows)
             if stop:
                 break
         for target in targets.values():
@@ -185,14 +416,17 @@ def _write_jsonl(ds, files: list[str], out: Path, on_error: str, summary: RaySum
     return written
 
 
-def _write_parquet(ds, out: Path, summary: RaySummary) -> set[Path]:
+def _write_parquet(ds, out: Path, summary: RaySummary, kept: Mapping[str, Any]) -> set[Path]:
     from perm_lite.jsonl import error_line
     from perm_lite.outputs import OutputFile
 
     staging = out / f".parquet.{secrets.token_hex(6)}.perm-tmp"
-    errors = OutputFile(out / "_errors.jsonl", "replace", publish_empty=False)
+    errors = OutputFile(out / "_errors.jsonl", "replace", publish_empty=False, lock=False)
     moved: list[Path] = []
     try:
+        errors.open()
+        pending = [staging.name, errors.path.name, errors.temporary.name]
+        _write_manifest(out, (), pending, keep=kept)
         staging.mkdir()
         scored = ds.materialize()
         bad = scored.filter(lambda row: row["perm_error"] is not None).take_all()
@@ -203,7 +437,9 @@ def _write_parquet(ds, out: Path, summary: RaySummary) -> set[Path]:
         good = scored.filter(lambda row: row["perm_error"] is None)
         summary.scored = good.count()
         good.drop_columns(["perm_error"]).write_parquet(str(staging))
-        for part in sorted(staging.glob("*.parquet")):
+        parts = sorted(staging.glob("*.parquet"))
+        _write_manifest(out, (), [*pending, *(p.name for p in parts)], keep=kept)  # before they move in
+        for part in parts:
             os.replace(part, out / part.name)
             moved.append(out / part.name)
         if summary.errors:

@@ -6,7 +6,8 @@ and why a score is null). Bad input lines are reported like `perm score` reports
 
 A call that fails (after its retries, or with a reply that is not a chat completion) nulls
 that one label and is counted in `failed_calls`; the run goes on. A refused key (401/403)
-raises `AuthFailed` and ends the run: chunks already written stay written.
+raises `AuthFailed`, an endpoint no connection opens to `EndpointUnreachable` (both
+`RunStopped`), and either ends the run: chunks already written stay written.
 
 `judge_file` is the shared chunked runner (`perm_lite.runner.run_chunks`) with the judge
 calls of a chunk as its step; `judge_path` adds `perm judge`'s run policy for files.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from perm_lite.jsonl import ParsedLine, read_records
-from perm_lite.judge.client import AuthFailed, CallFailed, ChatClient, JudgeConfig
+from perm_lite.judge.client import CallFailed, ChatClient, JudgeConfig, RunStopped
 from perm_lite.judge.parse import parse_answer
 from perm_lite.outputs import OutputPlan, TargetError, check_target, default_errors_path, input_identity, plan_outputs
 from perm_lite.records import RecordError
@@ -107,7 +108,7 @@ async def _judge_record(client: ChatClient, parsed: ParsedLine, model: str, summ
     async def one(perspective: str) -> dict[str, Any]:
         try:
             raw = await client.complete(judge_messages(parsed.dialogue, perspective), accept=usable(perspective))
-        except AuthFailed:
+        except RunStopped:  # a refused key, an endpoint that cannot be reached
             raise
         except CallFailed as exc:
             summary.failed_calls += 1
@@ -219,15 +220,15 @@ def judge_outputs(
 ) -> OutputPlan:
     """`perm judge`'s OUTPUT and OUTPUT.errors.jsonl, protected as `perm score` protects its
     outputs: refused (`TargetError`) when one is the input (links included) or not a regular
-    file, or exists without `overwrite`; with `overwrite` written beside the target and
-    renamed over it only when the run finishes. The answer cache must not be any of those
-    files."""
+    file, another run is writing it (`OutputBusy`), or it exists without `overwrite`; with
+    `overwrite` written beside the target and renamed over it only when the run finishes.
+    Both are locked until the run ends. The answer cache must not be any of those files."""
     input_path = os.fspath(input_path)
     out_path = Path(output_path)
     errors_path = default_errors_path(str(out_path))
     source = input_identity(input_path)
-    out_st = check_target(out_path, "output", source)
-    errors_st = check_target(errors_path, "errors file", source)
+    check_target(out_path, "output", source)
+    check_target(errors_path, "errors file", source)
     if cache_path is not None and (cache_path.exists() or cache_path.is_symlink()):
         check_target(cache_path, "answer cache", source)
     if cache_path is not None and os.path.realpath(cache_path) in {
@@ -235,15 +236,13 @@ def judge_outputs(
         os.path.realpath(errors_path),
     }:
         raise TargetError(f"the answer cache {cache_path} is an output of this run; give --cache another path")
-    if out_st is not None and out_st.st_size and not overwrite:
-        raise TargetError(
-            f"{out_path} exists: use --overwrite (answers already paid for come from the cache {cache_path})"
-        )
-    if errors_st is not None and errors_st.st_size and not overwrite:
-        raise TargetError(
-            f"{errors_path} exists (bad records of an earlier run): use --overwrite to replace it, or another -o"
-        )
-    return plan_outputs(input_path, out_path, errors_path, overwrite=True)  # refusals checked above
+
+    def refuse(what: str, path: Path) -> str:  # decided by plan_outputs once both files are locked
+        if what == "output":
+            return f"{path} exists: use --overwrite (answers already paid for come from the cache {cache_path})"
+        return f"{path} exists (bad records of an earlier run): use --overwrite to replace it, or another -o"
+
+    return plan_outputs(input_path, out_path, errors_path, overwrite=overwrite, refuse_existing=refuse)
 
 
 def default_cache_path(output_path: str | os.PathLike) -> Path:
@@ -281,6 +280,7 @@ def judge_path(
     try:
         answers = AnswerCache(cache_file) if cache_file is not None else None
     except (sqlite3.Error, OSError) as exc:
+        plan.close()  # the outputs' locks
         raise TargetError(f"cannot use the answer cache {cache_file}: {exc}", 1) from None
     clients: list[ChatClient] = []
 
@@ -303,6 +303,7 @@ def judge_path(
         with open(input_path, "rb") as source:
             summary = plan.run(body)
     finally:
+        plan.close()  # the outputs' locks, whatever happened (a no-op after the run)
         if answers is not None:
             answers.close()
     return summary, clients[0]

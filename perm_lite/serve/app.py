@@ -2,6 +2,7 @@
 
     POST /v1/score   {"records": [RECORD, ...]}                  -> per-record scores
     POST /v1/check   {"record": RECORD, "thresholds": {...}}     -> guardrail verdict
+    POST /v1/explain {"record": RECORD, "context": false}        -> each sentence's contribution
     GET  /healthz    liveness, queue depth, batching counters (503 while shutting down)
     GET  /v1/model   the model's name, version, perspectives, scales and limits
 
@@ -13,10 +14,20 @@ refused. POST bodies must be `application/json` (415 otherwise, so a cross-site 
 `text/plain` post is never scored). A body over the size limit is 413.
 
 Work is bounded, not just requests: `queue_size` waiting requests, `max_queue_records`
-records and `max_queue_chars` characters (request-body bytes, counted from the first byte
-read until the answer) held by requests in progress; beyond any of these, 503 with
-Retry-After. A client that disconnects has its work dropped. On shutdown every accepted
-request is answered or refused with 503 within `shutdown_timeout` seconds.
+records and `max_queue_chars` characters (request-body bytes, counted as they arrive,
+until the answer) held by requests in progress; beyond any of these, 503 with
+Retry-After. A body must arrive within `body_timeout` seconds (408 otherwise), so slow
+uploads hold neither a slot nor budget for long. A client that disconnects has its work
+dropped. On shutdown every accepted request is answered or refused with 503 within
+`shutdown_timeout` seconds.
+
+Explanations (/v1/explain, and the culprit of a flagged /v1/check) are bounded by what the
+model reads (`perm_lite.explain`): only sentences and turns the model reads are measured,
+at most `max_explain_variants` forward passes per request (/v1/explain: 413 when the
+record needs more, counted before any variant is built; /v1/check: the culprit is sought
+among the first sentences). Planning and building variants run in worker threads, a chunk
+at a time, and the scoring goes through the shared queue, so other clients are served
+in between.
 
 Optional bearer-token auth (`auth_token`): every path but /healthz, /openapi.json and the
 docs pages needs `Authorization: Bearer <token>`, else 401. /docs and /redoc (which load their JavaScript
@@ -41,8 +52,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from perm_lite import __version__
 from perm_lite.errors import OptionError
-from perm_lite.explain import assemble, occlusion
+from perm_lite.explain import MAX_SENTENCES, Occlusion, assemble, occlusion, response_origin
 from perm_lite.guardrail import Guardrail, culprit
 from perm_lite.records import RecordError, parse_record
 from perm_lite.scorer import Scorer
@@ -208,42 +220,46 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def _drain(request: Request, limit: int) -> None:
-    """Read and discard what is left of a body we refuse, so the client reads our answer."""
+async def _drain(request: Request, limit: int, timeout: float) -> None:
+    """Read and discard what is left of a body we refuse (at most `limit` bytes, for at most
+    `timeout` seconds), so the client reads our answer."""
     seen = 0
     try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return
-    except (ClientDisconnect, RuntimeError):
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    return
+    except (ClientDisconnect, RuntimeError, TimeoutError):
         return
 
 
-async def _read_json(request: Request, limit: int, hold: _Hold) -> Any:
+async def _read_json(request: Request, limit: int, hold: _Hold, timeout: float) -> Any:
+    """The JSON body: at most `limit` bytes, all of it within `timeout` seconds; the bytes
+    are counted in the shared budget as they arrive (a declared length reserves nothing)."""
     if not _is_json(request.headers.get("content-type")):
         raise HTTPProblem(415, "send the body as JSON with the header Content-Type: application/json")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPProblem(413, f"request body is {declared} bytes; the limit is {limit} (send fewer records)")
-    busy = HTTPProblem(503, "server busy: the queue holds its limit of request characters; retry later", headers=RETRY)
-    if declared is not None and declared.isdigit() and not hold.grow(int(declared)):
-        await _drain(request, limit)
-        raise busy
-    counted = hold.amount
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPProblem(413, f"request body exceeds the limit of {limit} bytes (send fewer records)")
-            if len(body) > counted:
-                if not hold.grow(len(body) - counted):
-                    await _drain(request, limit)
-                    raise busy
-                counted = len(body)
+        async with asyncio.timeout(timeout) as reading:
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > limit:
+                    raise HTTPProblem(413, f"request body exceeds the limit of {limit} bytes (send fewer records)")
+                if not hold.grow(len(chunk)):
+                    await _drain(request, limit, timeout)
+                    raise HTTPProblem(
+                        503, "server busy: the queue holds its limit of request characters; retry later", headers=RETRY
+                    )
+                body += chunk
     except ClientDisconnect:
         raise HTTPProblem(499, "client closed the connection while sending") from None
+    except TimeoutError:
+        if not reading.expired():
+            raise
+        raise HTTPProblem(408, f"the request body did not arrive within {timeout:g} s") from None
     return _loads(body)
 
 
@@ -355,8 +371,14 @@ def create_app(
     shutdown_timeout: float = 10.0,
     auth_token: str | None = None,
     docs: bool = False,
+    body_timeout: float = 30.0,
+    max_explain_variants: int | None = None,
 ) -> FastAPI:
     """The ASGI app. `thresholds`: the guardrail's defaults for /v1/check.
+
+    `body_timeout`: seconds a request body may take to arrive (408 after). `max_explain_variants`:
+    forward passes per /v1/explain or flagged /v1/check (the full reply included; default
+    65, the library's 64 sentences and the full reply, or `max_records` when lower).
 
     `app.state.begin_shutdown()` starts the graceful shutdown (perm serve calls it on
     SIGTERM): new requests get 503 and everything in progress is answered or refused
@@ -367,6 +389,11 @@ def create_app(
         raise OptionError(f"max_queue_chars ({max_queue_chars}) must be at least the body limit ({max_body_bytes})")
     if shutdown_timeout < 0:
         raise OptionError("shutdown_timeout must be >= 0")
+    if not (isinstance(body_timeout, int | float) and math.isfinite(body_timeout) and body_timeout > 0):
+        raise OptionError(f"body_timeout must be a number of seconds above 0, not {body_timeout!r}")
+    explain_budget = min(max_records, 1 + MAX_SENTENCES) if max_explain_variants is None else max_explain_variants
+    if isinstance(explain_budget, bool) or not isinstance(explain_budget, int) or explain_budget < 2:
+        raise OptionError(f"max_explain_variants must be a whole number of at least 2, not {explain_budget!r}")
     scorer = scorer or Scorer()
     default_guard = Guardrail(thresholds, scorer) if thresholds else None
     batcher = MicroBatcher(
@@ -400,6 +427,7 @@ def create_app(
 
     app = FastAPI(
         title="perm-lite",
+        version=__version__,
         lifespan=lifespan,
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
@@ -423,7 +451,7 @@ def create_app(
             async with asyncio.timeout_at(state["deadline"]) as timeout:  # no deadline until shutdown
                 timeouts.add(timeout)
                 if state["shutting_down"]:
-                    await _drain(request, max_body_bytes)  # so the client reads the 503, not a reset
+                    await _drain(request, max_body_bytes, body_timeout)  # so the client reads the 503, not a reset
                     raise HTTPProblem(503, "server is shutting down", headers=RETRY)
                 return await handle(hold)
         except TimeoutError:
@@ -464,9 +492,20 @@ def create_app(
         log.error("scoring failed", exc_info=exc)
         raise HTTPProblem(500, f"scoring failed ({type(exc).__name__}); the request was not scored")
 
+    async def measure(request: Request, occ: Occlusion) -> list:
+        """The results of `occ`'s variants: built in a worker thread a chunk at a time, each
+        chunk scored through the queue before the next is built."""
+        results: list = []
+        step = min(max_batch, max_records)
+        for start in range(0, len(occ), step):
+            variants = await asyncio.to_thread(occ.variants, start, start + step)
+            results.extend(await run(request, variants))
+            del variants
+        return results
+
     async def read_object(request: Request, hold: _Hold, key: str, shape: str) -> dict:
         """The request's JSON body, which must be an object holding `key`."""
-        body = await _read_json(request, max_body_bytes, hold)
+        body = await _read_json(request, max_body_bytes, hold, body_timeout)
         if not isinstance(body, dict) or key not in body:
             raise HTTPProblem(422, f"body must be an object {shape}")
         return body
@@ -502,13 +541,18 @@ def create_app(
                     raise HTTPProblem(422, f"thresholds: {_safe(exc)}") from None
             if guard is None:
                 raise HTTPProblem(422, "no thresholds: send 'thresholds' or start perm serve with --threshold")
-            (dialogue,) = _parse([body["record"]], 1)
-            del body
+            record = body["record"]
+            (dialogue,) = _parse([record], 1)
+            origin = response_origin(record, dialogue)
+            del body, record
             (result,) = await run(request, [dialogue])
             verdict = guard.verdict(result, dialogue.response, (time.perf_counter() - started) * 1000)
-            if verdict.flagged:  # name the sentence that hurt most: one more (queued) batch
-                occ = occlusion(dialogue)
-                verdict.culprit = culprit(assemble(occ, await run(request, list(occ.variants))), verdict.failed[0])
+            if verdict.flagged:  # name the sentence that hurt most, among the first the budget allows
+                occ = await asyncio.to_thread(
+                    occlusion, scorer, dialogue, origin=origin, max_sentences=explain_budget - 1
+                )
+                explanation = assemble(occ, result, await measure(request, occ))
+                verdict.culprit = culprit(explanation, verdict.failed[0])
             return verdict.to_dict()
 
         return await guarded(request, handle)
@@ -520,14 +564,21 @@ def create_app(
             context = body.get("context", False)
             if not isinstance(context, bool):
                 raise HTTPProblem(422, "context must be true or false")
-            (dialogue,) = _parse([body["record"]], 1)
-            del body
-            occ = occlusion(dialogue, context=context)
-            if len(occ.variants) > max_records:
+            record = body["record"]
+            (dialogue,) = _parse([record], 1)
+            origin = response_origin(record, dialogue)
+            del body, record
+            cap = explain_budget - 1  # the full reply is one forward pass
+            occ = await asyncio.to_thread(
+                occlusion, scorer, dialogue, context=context, origin=origin, max_sentences=cap, max_turns=cap
+            )
+            needed = len(occ) + occ.omitted.sentences_over_cap + occ.omitted.turns_over_cap
+            if needed > cap:  # refused before any variant is built
                 raise HTTPProblem(
-                    413, f"the record has {len(occ.variants) - 1} sentences/turns; at most {max_records - 1}"
+                    413, f"the model reads {needed} sentences/turns of this record; at most {cap} per request"
                 )
-            explanation = assemble(occ, await run(request, list(occ.variants)))
+            (full,) = await run(request, [dialogue])
+            explanation = assemble(occ, full, await measure(request, occ))
             return {"model": scorer.config.name, "version": scorer.config.version, **explanation.to_dict()}
 
         return await guarded(request, handle)
@@ -563,6 +614,8 @@ def create_app(
                 "max_queue_records": max_queue_records,
                 "max_queue_chars": max_queue_chars,
                 "shutdown_timeout": shutdown_timeout,
+                "body_timeout": body_timeout,
+                "max_explain_variants": explain_budget,
             },
             "auth": auth_token is not None,
             "default_thresholds": dict(default_guard.thresholds) if default_guard else None,

@@ -16,7 +16,7 @@ import numpy as np
 from perm_lite.model_dir import read_config, write_config
 from perm_lite.scales import PERSPECTIVES, SCALES
 from perm_lite.text import encode_dialogues, load_tokenizer
-from perm_lite.training.calibrate import anchor_bystander, fit_monotone
+from perm_lite.training.calibrate import anchor_bystander, fit_monotone, soft_tails
 from perm_lite.training.data import Corpus, build_corpus
 from perm_lite.training.export import export_model_dir, run_onnx
 
@@ -89,13 +89,14 @@ def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> 
         if mask.sum() < 2:
             raise ValueError(f"the validation split has fewer than 2 {head} labels: cannot calibrate that head")
         labels = np.array([low + (high - low) * e.targets[j] for e in val])[mask]
-        calibration[head] = fit_monotone(raw[mask, j], labels, low, high)
+        calibration[head] = soft_tails(fit_monotone(raw[mask, j], labels, low, high), low, high)
     if labelled_bystander:
         return calibration
     j = PERSPECTIVES.index("bystander")
     weak = np.array([e.kind in WEAK_NEGATIVES for e in val])
     real = np.array([e.kind in ("human", "chatbot") for e in val])
-    calibration["bystander"] = anchor_bystander(raw[weak, j], raw[real, j])
+    low, high = SCALES["bystander"]
+    calibration["bystander"] = soft_tails(anchor_bystander(raw[weak, j], raw[real, j]), low, high)
     return calibration
 
 

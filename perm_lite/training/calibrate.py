@@ -8,6 +8,11 @@ validation targets put back on 1-5 (1 + 4 * target).
 Bystander has no human label on the 0-100 scale. Its map is a documented anchor, not a
 fit: the median raw output of the weak-supervision negatives (dismissive, generic,
 mismatched replies) maps to 20, the median of real therapist answers (counsel-chat) to 70.
+
+Soft tails (3.0): beyond the fitted knots, each map approaches the scale's ends along an
+exponential that starts with the end segment's slope (`soft_tails`), instead of running
+straight into the bound and clipping there; replies worse (or better) than anything seen
+in calibration keep their order instead of all sitting on the floor together.
 """
 
 from __future__ import annotations
@@ -61,3 +66,35 @@ def anchor_bystander(weak_raw: np.ndarray, real_raw: np.ndarray) -> dict:
     lo, hi = np.percentile(np.concatenate([weak_raw, real_raw]), [5, 95])
     hi = max(float(hi), float(lo) + 1e-6)
     return {"raw": [round(float(lo), 6), round(hi, 6)], "score": [5.0, 95.0], "method": "fallback-percentile"}
+
+
+TAIL_STEPS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5)
+
+
+def soft_tails(knots: dict, low: float, high: float) -> dict:
+    """The knots extended at both ends by an exponential approach to `low` and `high`
+    that continues the end segment's slope (strictly monotone; within 0.2% of the gap to
+    the bound at the last added knot, after which the runtime extrapolates and clips)."""
+    xs, ys = list(knots["raw"]), list(knots["score"])
+    if len(xs) < 2:
+        return knots
+    out_x, out_y = list(xs), list(ys)
+    m_left = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    gap = ys[0] - low
+    if m_left > 0 and gap > 0:
+        scale = gap / m_left  # raw units over which the tail falls by a factor e
+        for t in TAIL_STEPS:
+            out_x.insert(0, xs[0] - t * scale)
+            out_y.insert(0, low + gap * float(np.exp(-t)))
+    m_right = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    gap = high - ys[-1]
+    if m_right > 0 and gap > 0:
+        scale = gap / m_right
+        for t in TAIL_STEPS:
+            out_x.append(xs[-1] + t * scale)
+            out_y.append(high - gap * float(np.exp(-t)))
+    tailed = dict(knots)
+    tailed["raw"] = [round(float(x), 6) for x in out_x]
+    tailed["score"] = [round(float(y), 6) for y in out_y]
+    tailed["tails"] = "soft"
+    return tailed
