@@ -3,6 +3,9 @@ the progress bar and the choices of enumerated options."""
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -44,7 +47,7 @@ def train_extra(command: str) -> Iterator[None]:
     try:
         yield
     except ImportError as exc:
-        raise fail(f"{command} needs the train extra: pip install 'perm-lite[train]' ({exc})") from None
+        raise fail(f"{command} needs the train extra: pip install '.[train]' in the checkout ({exc})") from None
 
 
 def parse_mapping(text: str | None, option: str) -> dict[str, str]:
@@ -118,3 +121,31 @@ MAX_BATCH_TOKENS_HELP = (
 def max_batch_tokens_option(value: int | None) -> int | str:
     """--max-batch-tokens as the Scorer takes it: a number, or "auto" when not given."""
     return "auto" if value is None else value
+
+
+# Warnings from these modules (and from the training code that drives them) are addressed to
+# developers of the libraries, not to someone running a perm command.
+_LIBRARY_WARNINGS = r"(torch|transformers|onnx|onnxscript|onnxruntime|perm_lite\.training)(\.|$)"
+_LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript")
+
+
+@contextmanager
+def quiet_torch() -> Iterator[None]:
+    """While a command runs PyTorch, transformers or the ONNX exporter: their Python warnings
+    (TracerWarning, deprecations, ...) and their log lines below ERROR are not shown."""
+    saved_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers when it is imported
+    levels = {name: logging.getLogger(name).level for name in _LIBRARY_LOGGERS}
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # by the module a warning is attributed to: torch's TracerWarning, for one, names the
+            # model code being traced (transformers' or perm_lite.training's), not torch
+            warnings.filterwarnings("ignore", module=_LIBRARY_WARNINGS)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if saved_env is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)

@@ -94,6 +94,13 @@ def redteam(
         "combined"
     ),
     seed: Annotated[int, typer.Option(help="Search seed.")] = 0,
+    pools: Annotated[
+        str,
+        typer.Option(
+            help="Where inserted sentences come from, comma-separated: context, reply, cliche, other "
+            "('reply' alone: repetition, deletion and order only)."
+        ),
+    ] = "context,reply,cliche,other",
     output: Annotated[
         str | None, typer.Option("-o", "--output", help="Report file: .html for a page, else text.")
     ] = None,
@@ -117,6 +124,9 @@ def redteam(
     for path in (output, json_out):
         if path and Path(path).exists() and not overwrite:
             raise fail(f"{path} exists; pass --overwrite to replace it", EXIT_USAGE)
+    pool_names = tuple(p.strip() for p in pools.split(",") if p.strip())
+    if not pool_names or set(pool_names) - set(rt.POOLS):
+        raise fail(f"--pools takes some of {', '.join(rt.POOLS)}, not {pools!r}", EXIT_USAGE)
     dialogues = _load_input(input) if input else _load_set(set_name, data, split)
     dialogues = dialogues[:contexts]
     if not dialogues:
@@ -124,7 +134,9 @@ def redteam(
     try:
         scorer = Scorer(model)
         with progress_bar(not quiet, len(dialogues), "red team") as tick:
-            report = rt.run(scorer, dialogues, budget, objective, seed, tick, model_name=scorer.model_name)
+            report = rt.run(
+                scorer, dialogues, budget, objective, seed, tick, model_name=scorer.model_name, pools=pool_names
+            )
     except PermError as exc:
         raise library_error(exc) from None
     if output:

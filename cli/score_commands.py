@@ -424,7 +424,7 @@ def _run_ray(
 
         from perm_lite.integrations import ray_engine
     except ImportError as exc:
-        raise fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
+        raise fail(f"--engine ray needs the ray extra: pip install '.[ray]' in the checkout ({exc})") from None
     show = not quiet and sys.stderr.isatty()
     total = None
     if show:
@@ -456,7 +456,7 @@ def _run_ray(
                 progress=tick,
             )
     except ImportError as exc:
-        raise fail(f"--engine ray needs the ray extra: pip install 'perm-lite[ray]' ({exc})") from None
+        raise fail(f"--engine ray needs the ray extra: pip install '.[ray]' in the checkout ({exc})") from None
     except (FileNotFoundError, ValueError) as exc:  # bad options, or a configuration Ray could never schedule
         raise fail(str(exc), EXIT_USAGE) from None
     except PermError as exc:  # the model, or writing the outputs

@@ -77,7 +77,7 @@ def serve(
         from perm_lite.serve.server import bind
         from perm_lite.serve.server import serve as serve_app
     except ImportError as exc:
-        raise fail(f"perm serve needs the serve extra: pip install 'perm-lite[serve]' ({exc})") from None
+        raise fail(f"perm serve needs the serve extra: pip install '.[serve]' in the checkout ({exc})") from None
     thresholds = {}
     for name, value in parse_mapping(threshold, "--threshold").items():
         try:

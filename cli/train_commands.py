@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from perm_lite.cli.common import EXIT_USAGE, err, fail, library_error, parse_mapping, progress_bar, train_extra
+from perm_lite.cli.common import (
+    EXIT_USAGE,
+    err,
+    fail,
+    library_error,
+    parse_mapping,
+    progress_bar,
+    quiet_torch,
+    train_extra,
+)
 
 from perm_lite.errors import PermError
 
@@ -27,7 +36,8 @@ def train(
     cfg = TrainConfig.from_file(
         config, data_dir=data, out_dir=out, steps=steps, max_examples=max_examples, threads=threads
     )
-    final = run_training(cfg)
+    with quiet_torch():
+        final = run_training(cfg)
     typer.echo(str(final))
 
 
@@ -36,7 +46,7 @@ def export_model(
     output: Annotated[str, typer.Option("-o", "--output", help="Model directory to write.")],
     data: Annotated[str, typer.Option(help="Data folder: calibration, checks, score calibration.")],
     name: Annotated[str, typer.Option(help="Model name in config.json.")] = "perm-lite-minilm",
-    version: Annotated[str, typer.Option(help="Model version.")] = "2.0.0",
+    version: Annotated[str, typer.Option(help="Model version.")] = "3.0.0",
     max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 384,
     keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
     max_check_records: Annotated[int, typer.Option(help="Limit val/test records checked (0 = all).")] = 0,
@@ -45,14 +55,58 @@ def export_model(
         str,
         typer.Option(
             help="Layers whose FFN output projection runs blockwise 8-bit (MatMulNBits) instead of static "
-            "int8: 'all', 'none' or e.g. '0,1' (the shipped model: '0')."
+            "int8: 'all', 'none' or e.g. '0,1' (default: the graph's own, 'none' for fused, '0' for qdq)."
         ),
-    ] = "0",
+    ] = "default",
+    graph: Annotated[
+        str,
+        typer.Option(
+            help="int8 graph: 'fused' (contrib operators written for speed), 'qdq' (the previous static QDQ "
+            "export) or 'dynamic' (onnxruntime's optimizer + dynamic int8, a baseline that fails batch "
+            "independence)."
+        ),
+    ] = "fused",
 ) -> None:
     """Export a checkpoint to ONNX, quantize to static int8, check it and calibrate it."""
     with train_extra("perm export"):
         from perm_lite.training.build import build_model_dir
-    report = build_model_dir(
+    with quiet_torch():
+        report = _export(
+            checkpoint,
+            output,
+            data,
+            name,
+            version,
+            max_length,
+            keep_fp32,
+            max_check_records,
+            calibration_records,
+            ffn_blockwise_layers,
+            build_model_dir,
+            graph,
+        )
+    typer.echo(json.dumps(report["quantization"], indent=2))
+
+
+def _export(
+    checkpoint,
+    output,
+    data,
+    name,
+    version,
+    max_length,
+    keep_fp32,
+    max_check_records,
+    calibration_records,
+    ffn_blockwise_layers,
+    build_model_dir,
+    graph="fused",
+) -> dict:
+    from perm_lite.training.export import GRAPHS
+
+    if graph not in GRAPHS:
+        raise fail(f"--graph takes {', '.join(GRAPHS)}, not {graph!r}", EXIT_USAGE)
+    return build_model_dir(
         Path(checkpoint),
         Path(output),
         Path(data),
@@ -63,11 +117,13 @@ def export_model(
         max_check_records=max_check_records,
         calibration_records=calibration_records,
         ffn_blockwise_layers=_layer_list(ffn_blockwise_layers),
+        graph=graph,
     )
-    typer.echo(json.dumps(report["quantization"], indent=2))
 
 
-def _layer_list(text: str) -> list[int] | None:
+def _layer_list(text: str) -> list[int] | None | str:
+    if text.strip() == "default":
+        return "default"
     if text.strip() == "all":
         return None
     if text.strip() == "none":
@@ -116,7 +172,15 @@ def eval_model(
     with train_extra("perm eval"):
         from perm_lite.training.evaluate import run_evaluation, to_markdown
     checkpoints = parse_mapping(",".join(checkpoint or []), "--checkpoint") if checkpoint else {}
-    result = run_evaluation(
+    with quiet_torch():
+        result = _evaluate(model, data, split, no_model, checkpoints, max_length, chatbot_only, run_evaluation)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(to_markdown(result))
+
+
+def _evaluate(model, data, split, no_model, checkpoints, max_length, chatbot_only, run_evaluation) -> dict:
+    return run_evaluation(
         "" if no_model else model,
         data,
         split,
@@ -124,9 +188,6 @@ def eval_model(
         max_length=max_length,
         chatbot_only=chatbot_only,
     )
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    typer.echo(to_markdown(result))
 
 
 def _robustness(model: str, data: str | None, split: str, out: str | None, quiet: bool) -> None:
@@ -184,17 +245,18 @@ def distill(
         raise fail(f"labels file {labels} does not exist", EXIT_USAGE)
     out = Path(output)
     try:
-        report = run_distill(
-            Path(labels),
-            out,
-            run_dir=Path(run_dir) if run_dir else out.with_name(out.name + ".run"),
-            init=init,
-            steps=steps,
-            name=name,
-            version=version,
-            max_length=max_length,
-            calibration_records=calibration_records,
-        )
+        with quiet_torch():
+            report = run_distill(
+                Path(labels),
+                out,
+                run_dir=Path(run_dir) if run_dir else out.with_name(out.name + ".run"),
+                init=init,
+                steps=steps,
+                name=name,
+                version=version,
+                max_length=max_length,
+                calibration_records=calibration_records,
+            )
     except (ValueError, PermError) as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps({"labels": report["labels"], "agreement_test": report["agreement_test"]}, indent=2))

@@ -47,7 +47,7 @@ CUDA = Provider(
     ("fp16", "fp32", "int8"),
     batch_tokens=None,
     gpu=True,
-    missing_hint="install perm-lite[gpu] (onnxruntime-gpu) on a CUDA machine",
+    missing_hint="install the gpu extra (pip install '.[gpu]' in the checkout: onnxruntime-gpu) on a CUDA machine",
 )
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (CUDA, CPU)}

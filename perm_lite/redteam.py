@@ -23,6 +23,7 @@ from perm_lite.records import Dialogue
 from perm_lite.rewrites import EVAL_CLICHES, Degeneracy, degeneracy, sentences
 
 ScoreFn = Callable[[list[str]], list[float]]
+POOLS = ("context", "reply", "cliche", "other")  # where inserted sentences come from
 MAX_SENTENCES = 60  # a candidate never grows past this many sentences
 MAX_CHARS = 6000  # nor past this many characters (the model sees ~384 tokens anyway)
 
@@ -172,6 +173,7 @@ class RedTeamReport:
     budget: int
     contexts: list[Dialogue]
     results: list[RedTeamResult]
+    pools: tuple[str, ...] = POOLS
 
     @property
     def hacked(self) -> int:
@@ -221,9 +223,14 @@ def run(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     model_name: str = "",
+    pools: Sequence[str] = POOLS,
 ) -> RedTeamReport:
     """Search from every dialogue's reply (at most MAX_CONTEXTS, each within `budget` calls);
-    the other dialogues' replies form the pool of foreign material."""
+    the other dialogues' replies form the pool of foreign material. `pools` limits where
+    inserted sentences come from (`("reply",)`: repetition, deletion and order only)."""
+    unknown = sorted(set(pools) - set(POOLS))
+    if unknown or not pools:
+        raise OptionError(f"pools must be some of {', '.join(POOLS)}, not {list(pools)}", option="pools")
     if not dialogues:
         raise OptionError("no contexts to search from", option="contexts")
     if len(dialogues) > MAX_CONTEXTS:
@@ -234,10 +241,11 @@ def run(
     results = []
     for n, d in enumerate(dialogues):
         others = [o.response for k, o in enumerate(dialogues) if k != n]
-        pools = default_pools(context_text(d), d.response, rng.sample(others, min(20, len(others))))
+        material = default_pools(context_text(d), d.response, rng.sample(others, min(20, len(others))))
+        material = {name: sentences for name, sentences in material.items() if name in pools}
         results.append(
-            search(scorer_objective(scorer, d, objective), d.response, context_text(d), pools, budget, seed=seed + n)
+            search(scorer_objective(scorer, d, objective), d.response, context_text(d), material, budget, seed=seed + n)
         )
         if progress:
             progress(1)
-    return RedTeamReport(model_name, objective, budget, list(dialogues), results)
+    return RedTeamReport(model_name, objective, budget, list(dialogues), results, tuple(pools))

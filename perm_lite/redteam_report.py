@@ -25,7 +25,7 @@ def summary_line(report: RedTeamReport) -> str:
     return (
         f"redteam: a degenerate reply scored above the original in {report.hacked}/{len(report.results)} "
         f"contexts ({report.hack_rate:.1%}); {report.calls} model calls, budget {report.budget} per context, "
-        f"objective {report.objective}"
+        f"objective {report.objective}, pools {','.join(report.pools)}"
     )
 
 
@@ -56,6 +56,7 @@ def to_json(report: RedTeamReport) -> dict:
         "model": report.model,
         "objective": report.objective,
         "budget": report.budget,
+        "pools": list(report.pools),
         "contexts": len(report.results),
         "hacked": report.hacked,
         "hack_rate": report.hack_rate,

@@ -207,7 +207,7 @@ def test_training_commands_name_the_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "perm_lite.training.evaluate", None)  # import fails
     res = runner.invoke(app, ["eval", "--data", "x"])
     assert res.exit_code == 1
-    assert "perm eval needs the train extra: pip install 'perm-lite[train]'" in res.stderr
+    assert "perm eval needs the train extra: pip install '.[train]' in the checkout" in res.stderr
 
 
 def _capture_scorer_options(monkeypatch):

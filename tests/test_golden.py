@@ -13,63 +13,63 @@ from perm_lite import Scorer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dialogues.jsonl"
 GOLDEN = {
-    "job-warm": {"resonation": 2.2, "expression": 1.898, "reception": 2.454, "bystander": 32.034, "combined": 0.0921},
+    "job-warm": {"resonation": 2.334, "expression": 2.055, "reception": 2.718, "bystander": 45.968, "combined": 0.1975},
     "job-generic": {
-        "resonation": 1.34,
-        "expression": 1.588,
-        "reception": 1.495,
-        "bystander": 4.713,
-        "combined": -0.183,
+        "resonation": 1.799,
+        "expression": 1.998,
+        "reception": 2.078,
+        "bystander": 37.653,
+        "combined": 0.0785,
     },
     "job-dismissive": {
-        "resonation": 1.152,
-        "expression": 1.341,
-        "reception": 1.194,
-        "bystander": 0.0,
-        "combined": -0.2552,
+        "resonation": 1.307,
+        "expression": 1.291,
+        "reception": 1.123,
+        "bystander": 6.853,
+        "combined": -0.2188,
     },
     "grief-chat": {
-        "resonation": 2.818,
-        "expression": 2.301,
-        "reception": 2.661,
-        "bystander": 53.899,
-        "combined": 0.2844,
+        "resonation": 2.703,
+        "expression": 2.668,
+        "reception": 2.86,
+        "bystander": 37.794,
+        "combined": 0.2372,
     },
     "exam-completion": {
-        "resonation": 1.851,
-        "expression": 1.693,
-        "reception": 2.17,
-        "bystander": 12.155,
-        "combined": -0.0623,
+        "resonation": 1.797,
+        "expression": 1.635,
+        "reception": 2.075,
+        "bystander": 11.737,
+        "combined": -0.0777,
     },
-    "lonely-padded": {"resonation": 1.0, "expression": 1.109, "reception": 1.0, "bystander": 0.0, "combined": -0.2932},
+    "lonely-padded": {
+        "resonation": 1.019,
+        "expression": 1.254,
+        "reception": 1.004,
+        "bystander": 1.248,
+        "combined": -0.2775,
+    },
     "lonely-specific": {
-        "resonation": 2.479,
-        "expression": 1.834,
-        "reception": 2.421,
-        "bystander": 61.304,
-        "combined": 0.2471,
+        "resonation": 2.478,
+        "expression": 1.955,
+        "reception": 2.716,
+        "bystander": 48.327,
+        "combined": 0.2092,
     },
-    "intrusive": {
-        "resonation": 1.61,
-        "expression": 1.472,
-        "reception": 1.659,
-        "bystander": 26.577,
-        "combined": -0.0518,
-    },
+    "intrusive": {"resonation": 1.8, "expression": 1.837, "reception": 2.03, "bystander": 29.52, "combined": 0.0244},
     "advice-clear": {
-        "resonation": 1.959,
-        "expression": 1.924,
-        "reception": 2.512,
-        "bystander": 16.402,
-        "combined": 0.0021,
+        "resonation": 2.134,
+        "expression": 2.463,
+        "reception": 2.978,
+        "bystander": 40.396,
+        "combined": 0.1977,
     },
     "no-context": {
-        "resonation": 1.695,
-        "expression": 2.058,
-        "reception": 1.919,
-        "bystander": 42.788,
-        "combined": 0.0896,
+        "resonation": 1.797,
+        "expression": 2.396,
+        "reception": 2.197,
+        "bystander": 41.512,
+        "combined": 0.1274,
     },
 }
 
@@ -82,7 +82,7 @@ def results():
 
 def test_default_model_identity():
     scorer = Scorer()
-    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "2.0.0", "int8")
+    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "3.0.0", "int8")
 
 
 @pytest.mark.parametrize("record_id", sorted(GOLDEN))

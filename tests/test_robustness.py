@@ -321,3 +321,71 @@ def test_soft_tails_keep_order_beyond_the_knots():
     plain = Calibration(tuple(knots["raw"]), tuple(knots["score"])).apply(raw, 1.0, 5.0)
     assert plain[0] == plain[1] == 1.0
     np.testing.assert_allclose(out[3:6], [2.0, 3.0, 4.0])  # inside the knots: unchanged
+
+
+def test_trl_reward_takes_the_repetition_term(tiny_model_dir):
+    from perm_lite.integrations.trl import perm_reward
+
+    plain = perm_reward(str(tiny_model_dir), length_coef=0)
+    strict = perm_reward(str(tiny_model_dir), length_coef=0, repetition_coef=0.5)
+    prompts = ["I feel sad and alone today", "I feel sad and alone today"]
+    completions = ["I am so sorry. What happened today?", "I am so sorry. I am so sorry."]
+    a, b = plain(prompts=prompts, completions=completions), strict(prompts=prompts, completions=completions)
+    assert b[0] == pytest.approx(a[0])  # nothing repeated: no term
+    assert b[1] == pytest.approx(a[1] - 0.25)  # half the reply repeats: 0.5 * 0.5
+
+
+def test_perm_eval_robustness_cli(tiny_model_dir, tmp_path):
+    out = tmp_path / "robust.json"
+    cmd = [
+        str(Path(sys.executable).parent / "perm"),
+        "eval",
+        "--robustness",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "-q",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "contrastive set only" in done.stderr  # no --data: says what it left out
+    report = json.loads(out.read_text())["robustness"]
+    assert list(report) == ["contrastive"] and report["contrastive"]["n_contexts"] == 48
+    rates = report["contrastive"]["rates"]
+    assert set(rates) == set(SUITE_NAMES)
+    assert all(0.0 <= row[o] <= 1.0 for row in rates.values() for o in ("reception", "combined"))
+    assert "| sentence_x50 | 48 |" in done.stdout
+    missing = subprocess.run(cmd[:-3] + ["--data", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "not a folder" in missing.stderr
+
+
+def test_soft_tails_lift_knots_pinned_at_the_floor():
+    from perm_lite.model_dir import Calibration
+    from perm_lite.training.calibrate import soft_tails
+
+    pinned = {"raw": [-0.7, -0.5, -0.2, 0.2, 0.6], "score": [1.0, 1.004, 1.5, 3.0, 4.0]}
+    tailed = soft_tails(pinned, 1.0, 5.0)
+    assert tailed["score"][0] > 1.0 and all(b > a for a, b in zip(tailed["score"], tailed["score"][1:]))
+    out = Calibration(tuple(tailed["raw"]), tuple(tailed["score"])).apply(np.array([-1.0, -0.8, -0.6, -0.4]), 1.0, 5.0)
+    assert (np.diff(out) > 0).all() and out[0] > 1.0  # worse replies stay ordered, off the floor
+
+
+def test_redteam_pools_limit_the_material(scorer):
+    from perm_lite.errors import OptionError
+
+    d = Dialogue(response=REPLY, query=SEEKER)
+    report = redteam.run(
+        scorer,
+        [d, Dialogue(response="Other reply here. Totally different.", query="x")],
+        budget=60,
+        seed=0,
+        pools=("reply",),
+    )
+    for r in report.results:
+        for find in (r.best, r.best_degenerate):
+            if find is not None:
+                assert not any(e.startswith("insert") and "reply:" not in e for e in find.edits)
+    assert report.pools == ("reply",)
+    with pytest.raises(OptionError, match="pools"):
+        redteam.run(scorer, [d], budget=10, pools=("everything",))

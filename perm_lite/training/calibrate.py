@@ -76,6 +76,13 @@ def soft_tails(knots: dict, low: float, high: float) -> dict:
     that continues the end segment's slope (strictly monotone; within 0.2% of the gap to
     the bound at the last added knot, after which the runtime extrapolates and clips)."""
     xs, ys = list(knots["raw"]), list(knots["score"])
+    # Knots the fit pinned at a bound would flatten that end (every worse reply at the
+    # floor): drop them, keeping at least two knots, so the tail starts above the bound.
+    margin = 0.01 * (high - low)
+    while len(xs) > 2 and ys[0] <= low + margin:
+        xs, ys = xs[1:], ys[1:]
+    while len(xs) > 2 and ys[-1] >= high - margin:
+        xs, ys = xs[:-1], ys[:-1]
     if len(xs) < 2:
         return knots
     out_x, out_y = list(xs), list(ys)
