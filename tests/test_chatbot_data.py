@@ -140,6 +140,7 @@ def test_remove_spans_and_insertions():
 
 
 def test_family_shares():
+    pytest.importorskip("torch")  # train.py needs the train extra
     from perm_lite.training.train import family_shares
 
     families = ["mint"] * 8 + ["cf"] * 2

@@ -389,3 +389,25 @@ def test_redteam_pools_limit_the_material(scorer):
     assert report.pools == ("reply",)
     with pytest.raises(OptionError, match="pools"):
         redteam.run(scorer, [d], budget=10, pools=("everything",))
+
+
+def test_training_modules_import_in_one_direction():
+    """No two training modules import each other, at the top or inside a function."""
+    import ast
+
+    import perm_lite.training
+
+    folder = Path(perm_lite.training.__file__).parent
+    deps: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("perm_lite.training"):
+                if node.module == "perm_lite.training":
+                    names |= {a.name for a in node.names}
+                else:
+                    names.add(node.module.rsplit(".", 1)[-1])
+        deps[path.stem] = names
+    cycles = [(a, b) for a, ds in deps.items() for b in ds if a in deps.get(b, set())]
+    assert not cycles, cycles
+    assert "corpus" in deps["chatbot_data"] and "data" not in deps["chatbot_data"]

@@ -166,7 +166,7 @@ def ieval_dialogues(row: dict) -> list[Dialogue]:
 
 def add_mint(corpus, folder: Path, min_gap: float = 0.5) -> None:
     """mint replies as regression examples and within-context judge pairs (see module doc)."""
-    from perm_lite.training.data import HEAD, Example, Pair, _targets
+    from perm_lite.training.corpus import HEAD, Example, Pair, _targets
 
     by_context: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for row in read_mint(folder):
@@ -192,7 +192,7 @@ def add_mint(corpus, folder: Path, min_gap: float = 0.5) -> None:
 
 def add_ieval(corpus, folder: Path, weight: float = 0.3, min_gap: float = 1.0) -> None:
     """iEval bot turns as weak regression examples and same-turn bot pairs (module doc)."""
-    from perm_lite.training.data import HEAD, Example, Pair, _targets
+    from perm_lite.training.corpus import HEAD, Example, Pair, _targets
 
     by_context: dict[str, list[tuple[list[int], dict]]] = defaultdict(list)
     for row in read_ieval(folder):

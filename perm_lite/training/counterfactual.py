@@ -111,7 +111,7 @@ def add_counterfactuals(
 ) -> None:
     """Counterfactual examples and pairs for EPITOME removals and for mint/iEval/EPITOME
     replies (insertions, padding, off-topic); at most `per_source` per generator and source."""
-    from perm_lite.training.data import HEAD, Example, Pair, _targets, hash_split
+    from perm_lite.training.corpus import HEAD, Example, Pair, _targets, hash_split
 
     rng = random.Random(seed)
     all_heads = tuple(range(len(HEAD)))
@@ -166,7 +166,7 @@ def add_counterfactuals(
 def behaviour_ladder(corpus, i: int, rng: random.Random) -> None:
     """Generic, dismissive and off-topic replies to example i's context, with the pairs
     real > generic > {dismissive, off-topic} on every head (see the module doc)."""
-    from perm_lite.training.data import HEAD, Example, Pair, _targets
+    from perm_lite.training.corpus import HEAD, Example, Pair, _targets
 
     real = corpus.examples[i]
     d = real.dialogue

@@ -222,7 +222,7 @@ def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: t
     """Pairs "original > degenerate rewrite" (every head) for training-split real replies,
     and "single stock reply > the same repeated" plus "real reply > stock repeated" with
     low regression targets for the repeated stock replies. Nothing from val/test."""
-    from perm_lite.training.data import Example, Pair, _targets
+    from perm_lite.training.corpus import Example, Pair, _targets
 
     rng = random.Random(seed + 7919)
     heads = tuple(range(4))
@@ -257,7 +257,7 @@ def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: t
 
 def add_found(corpus, found: list[tuple[int, str]], kind: str = "degen:redteam") -> int:
     """Add red-team finds (index of the original example, degenerate text) as negatives."""
-    from perm_lite.training.data import Example, Pair, _targets
+    from perm_lite.training.corpus import Example, Pair, _targets
 
     added = 0
     for i, text in found:
