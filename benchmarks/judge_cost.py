@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perm_lite.records import Dialogue
-from perm_lite.rubric import JUDGE_MODEL, PERSPECTIVE_ORDER, judge_messages
+from perm_lite.rubric import PERSPECTIVE_ORDER, judge_messages
+
+JUDGE_MODEL = "gpt-4o-mini"  # PERM's judge (perm_lite.rubric no longer names it)
 
 # gpt-4o-mini list prices (USD per 1M tokens, OpenAI pricing page, standard tier, 2024-2026).
 PRICE_INPUT_PER_M = 0.15

@@ -1,7 +1,8 @@
 """Regenerate benchmarks/RESULTS.md, results.json and throughput.png in one command.
 
-    python benchmarks/run.py --data ../shared/data            # everything (about 1.5 h here)
+    python benchmarks/run.py --data ../shared/data            # everything (about 3 h here)
     python benchmarks/run.py --data ../shared/data --quick    # a smoke run (minutes)
+    python benchmarks/run.py --only scale --scale 1000000     # one section, merged into results.json
 
 Needs the train and bench extras (torch for the PyTorch rows, onnx for the floor probes,
 matplotlib for the chart, tiktoken for the judge's tokens). optimum's ORTModel row runs in
@@ -10,15 +11,20 @@ its own environment (optimum-onnx pins transformers<4.58): create it with
     python3 -m venv .bench-optimum && .bench-optimum/bin/pip install torch==2.13.0 \
         optimum-onnx onnxruntime && .bench-optimum/bin/pip install --no-deps -e .
 
-and it is used when present (or pass --optimum-python). Derived data (the length mix from
-the test splits, generated scale files, the fp32 variant) lives in benchmarks/.cache,
-which git ignores.
+and it is used when present (or pass --optimum-python). Rows beside the shipped model
+(`perm-lite int8`): `--compare NAME=DIR` adds other int8 model directories (say the
+`perm export --graph qdq` of the same checkpoint), and the transformer-optimizer + dynamic
+int8 baseline is built from the shipped weights (`--no-optimizer-baseline` skips it).
+`--only SECTION[,SECTION]` runs only those sections (throughput, floor, profile, judge,
+serve, ray, scale) and keeps the others from the existing results.json, so the
+1,000,000-record `perm score` row can be measured on its own, later. Derived data (the
+length mix from the test splits, generated scale files, the fp32 variant, the baseline)
+lives in benchmarks/.cache, which git ignores.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import random
@@ -34,12 +40,26 @@ sys.path.insert(0, str(HERE))
 
 from judge_cost import judge_cost  # noqa: E402
 
-from perm_lite.bench import Runner, build_backends, fixed_length_dialogues, measure  # noqa: E402
-from perm_lite.floor import floor_table, gemm_rate, model_shape, profile_ops  # noqa: E402
+from perm_lite.bench import (  # noqa: E402
+    INT8,
+    OPTIMIZER_BASELINE,
+    OPTIMUM,
+    build_backends,
+    cycled,
+    dialogue_record,
+    fixed_length_dialogues,
+    gemm_floor,
+    measure,
+    optimizer_baseline_dir,
+    optimum_runner,
+)
+from perm_lite.floor import profile_ops  # noqa: E402
 from perm_lite.jsonl import open_input, read_records  # noqa: E402
 from perm_lite.records import Dialogue  # noqa: E402
 from perm_lite.scorer import Scorer  # noqa: E402
 from perm_lite.session import available_cores  # noqa: E402
+
+SECTIONS = ("throughput", "floor", "profile", "judge", "serve", "ray", "scale")
 
 
 def log(message: str) -> None:
@@ -47,20 +67,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def dialogue_record(d: Dialogue) -> dict:
-    record: dict = {"response": d.response}
-    for name in ("persona", "scenario", "analysis"):
-        if getattr(d, name):
-            record[name] = getattr(d, name)
-    if d.history:
-        record["messages"] = [
-            {"role": "user" if t.role == "seeker" else "assistant", "content": t.text} for t in d.history
-        ] + [{"role": "user", "content": d.query}]
-    else:
-        record["query"] = d.query
-    return record
 
 
 def length_mix(data_dir: Path, cache: Path, n: int = 512) -> Path:
@@ -85,39 +91,21 @@ def read_dialogues(path: Path) -> list[Dialogue]:
 
 
 def fp32_variant(cache: Path) -> Path:
+    """The shipped model with an fp32 variant rebuilt from its int8 weights; rebuilt when
+    the shipped int8 file changes (the cache would otherwise outlive a new default model)."""
     out = cache / "fp32-model"
-    if not (out / "model.fp32.onnx").exists():
+    int8 = Scorer(provider="cpu").config
+    stamp = int8.files[int8.variants["int8"]]
+    if (
+        not (out / "model.fp32.onnx").exists()
+        or not (out / "int8.sha256").exists()
+        or ((out / "int8.sha256").read_text() != stamp)
+    ):
         from perm_lite.training.dequantize import write_fp32_variant
 
         write_fp32_variant("default", out)
+        (out / "int8.sha256").write_text(stamp)
     return out
-
-
-# ---------------------------------------------------------------- optimum row
-
-
-def optimum_runner(python: Path, model_dir: Path, mix: Path, records: int) -> Runner:
-    """Drives benchmarks/optimum_worker.py in its own environment (same encodings)."""
-    worker = subprocess.Popen(
-        [str(python), str(HERE / "optimum_worker.py"), str(model_dir), str(mix), str(records)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    first = worker.stdout.readline()
-    if not first:
-        raise RuntimeError(f"optimum worker exited with {worker.wait()}")
-    json.loads(first)
-
-    def run(dialogues: Sequence[Dialogue], batch_size: int) -> list[float]:
-        if len(dialogues) != records:  # warm-up slices: the worker always runs its whole input
-            return []
-        worker.stdin.write(f"{batch_size}\n")
-        worker.stdin.flush()
-        return json.loads(worker.stdout.readline())
-
-    return run
 
 
 # ---------------------------------------------------------------- sections
@@ -152,18 +140,20 @@ def machine() -> dict:
 
 def throughput(args, mix: Path, cache: Path) -> tuple[list[dict], list[str]]:
     fp32_dir = fp32_variant(cache)
-    inputs = {"mix": list(itertools.islice(itertools.cycle(read_dialogues(mix)), args.records))}
+    inputs = {"mix": cycled(read_dialogues(mix), args.records)}
     for n in args.lengths:
         inputs[f"{n} tokens"] = fixed_length_dialogues(args.records, n)
-    backends, skipped = build_backends("default", True, fp32_dir)
+    baseline = None
+    if args.optimizer_baseline:
+        log(f"building the {OPTIMIZER_BASELINE} baseline from the shipped weights")
+        baseline = optimizer_baseline_dir("default", cache / "optimizer-baseline")
+    backends, skipped = build_backends("default", True, fp32_dir, args.compare, baseline)
     table = []
     optimum_python = args.optimum_python
     for name, dialogues in inputs.items():
         active = dict(backends)
         if optimum_python and optimum_python.exists():
-            path = cache / f"input-{name.replace(' ', '-')}.jsonl"
-            path.write_text("".join(json.dumps(dialogue_record(d)) + "\n" for d in dialogues))
-            active["optimum ORTModel fp32"] = optimum_runner(optimum_python, fp32_dir, path, len(dialogues))
+            active[OPTIMUM] = optimum_runner(optimum_python, fp32_dir, dialogues, cache)
         log(f"throughput: {name}, {len(dialogues)} records, backends {', '.join(active)}")
         table += measure(active, {name: dialogues}, args.batch_sizes, args.repeats)
     if not (optimum_python and optimum_python.exists()):
@@ -172,45 +162,11 @@ def throughput(args, mix: Path, cache: Path) -> tuple[list[dict], list[str]]:
 
 
 def floor(table: list[dict], mix: Path, model_path: Path) -> dict:
-    shape = model_shape(model_path)
-    m = 32 * 128
-    rates_int8 = [gemm_rate(m, k, n, int8=True) for k, n in ((384, 1536), (1536, 384), (384, 384))]
-    rates_fp32 = [gemm_rate(m, k, n, int8=False) for k, n in ((384, 1536), (1536, 384), (384, 384))]
-    # Per layer: FFN in (h x 4h), FFN out (4h x h) and Q, K, V, O (4 x h x h) carry equal FLOPs,
-    # so the effective rate is the harmonic mean of the three shapes' rates.
-    int8_rate = 3 / sum(1 / r for r in rates_int8)
-    fp32_rate = 3 / sum(1 / r for r in rates_fp32)
-    rows = floor_table(shape, [128, 256], 32, int8_rate, fp32_rate)
-    scorer = Scorer(provider="cpu")
-    lengths = [len(e) for e in scorer.encode(read_dialogues(mix))]
-    per_record = [
-        shape.flops(t)["linear"] / (int8_rate * 1e9) + shape.flops(t)["attention"] / (fp32_rate * 1e9) for t in lengths
-    ]
-    mix_floor = len(per_record) / sum(per_record)
-    rows.insert(
-        0,
-        {
-            "tokens": f"mix (mean {sum(lengths) / len(lengths):.0f})",
-            "batch_size": 32,
-            "gflop_per_record": round(sum(shape.flops(t)["total"] for t in lengths) / len(lengths) / 1e9, 3),
-            "attention_share": None,
-            "floor_records_per_second": round(mix_floor, 1),
-        },
-    )
-    measured = {(r["inputs"], r["batch_size"], r["backend"]): r["records_per_second"] for r in table}
-    for row, name in zip(rows, ["mix", "128 tokens", "256 tokens"]):
-        got = measured.get((name, 32, "perm-lite int8"))
-        row["perm_lite_records_per_second"] = got
-        row["fraction_of_floor"] = round(got / row["floor_records_per_second"], 3) if got else None
-    return {
-        "shape": shape.__dict__,
-        "gemm_gflops_int8": [round(r, 1) for r in rates_int8],
-        "gemm_gflops_fp32": [round(r, 1) for r in rates_fp32],
-        "gemm_shapes": "M=4096 (32 x 128 tokens); K x N = 384x1536, 1536x384, 384x384",
-        "int8_rate": round(int8_rate, 1),
-        "fp32_rate": round(fp32_rate, 1),
-        "rows": rows,
-    }
+    """The int8 GEMM floor and the fraction of it each int8 row reached at batch 32."""
+    encodings = Scorer(provider="cpu").encode(read_dialogues(mix))
+    int8_rows = list(dict.fromkeys(r["backend"] for r in table if "int8" in r["backend"]))
+    int8_rows.sort(key=lambda name: name != INT8)  # the shipped model first: the targets read it
+    return gemm_floor(table, model_path, encodings, int8_rows)
 
 
 def profile(mix: Path, model_path: Path) -> dict:
@@ -349,6 +305,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="128,256")
     parser.add_argument("--scale", default="1000,10000,100000,1000000")
     parser.add_argument("--optimum-python", type=Path, default=ROOT / ".bench-optimum" / "bin" / "python")
+    parser.add_argument(
+        "--compare",
+        default="",
+        help="Extra int8 rows: NAME=MODEL_DIR[,NAME=MODEL_DIR] (e.g. the --graph qdq export of the same checkpoint).",
+    )
+    parser.add_argument("--no-optimizer-baseline", dest="optimizer_baseline", action="store_false")
+    parser.add_argument("--only", default="", help=f"Comma-separated sections to run: {', '.join(SECTIONS)}.")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--quick", action="store_true", help="Small smoke run: 64 records, 1 repeat, 1k/10k scale.")
     parser.add_argument(
@@ -366,43 +329,64 @@ def main() -> None:
         args.records, args.repeats, args.scale = 64, 1, "1000,10000"
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.compare = {k: Path(v) for k, v in (x.split("=", 1) for x in args.compare.split(",") if x.strip())}
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     cache = HERE / ".cache"
     cache.mkdir(exist_ok=True)
     started = time.time()
-
-    results: dict = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:]), "machine": machine()}
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    if only:  # one or more sections measured again, the rest kept from the last full run
+        results = json.loads((args.out / "results.json").read_text())
+        results.setdefault("partial_runs", []).append({"command": command, "sections": only, "machine": machine()})
+    else:
+        results = {"command": command, "machine": machine()}
+    sections = only or list(SECTIONS)
     mix = length_mix(args.data, cache)
-    model_path = Scorer(provider="cpu").config.path / "model.int8.onnx"
-    log("throughput and latency")
-    results["throughput"], results["skipped"] = throughput(args, mix, cache)
-    log("floor: GEMM probes")
-    results["floor"] = floor(results["throughput"], mix, model_path)
-    log("profile")
-    results["profile"] = profile(mix, model_path)
-    mix_rows = [r for r in results["throughput"] if r["inputs"] == "mix" and r["backend"] == "perm-lite int8"]
-    mix_b32 = min(mix_rows, key=lambda r: abs(r["batch_size"] - 32))["records_per_second"]
-    log("judge cost")
-    results["judge_cost"] = judge_cost(read_dialogues(mix), cache, mix_b32, available_cores())
-    log("perm serve load test")
-    from load_serve import run as load_test
+    model_path = Scorer(provider="cpu").config.variant_path("int8")
+    if "throughput" in sections:
+        log("throughput and latency")
+        results["throughput"], results["skipped"] = throughput(args, mix, cache)
+    if "floor" in sections:
+        log("floor: GEMM probes")
+        results["floor"] = floor(results["throughput"], mix, model_path)
+    if "profile" in sections:
+        log("profile")
+        results["profile"] = profile(mix, model_path)
+    if "judge" in sections:
+        mix_rows = [r for r in results["throughput"] if r["inputs"] == "mix" and r["backend"] == INT8]
+        mix_b32 = min(mix_rows, key=lambda r: abs(r["batch_size"] - 32))["records_per_second"]
+        log("judge cost")
+        results["judge_cost"] = judge_cost(read_dialogues(mix), cache, mix_b32, available_cores())
+    if "serve" in sections:
+        log("perm serve load test")
+        from load_serve import run as load_test
 
-    results["serve"] = load_test(seconds=5 if args.quick else 15)
-    try:
-        from ray_bench import run as ray_bench
+        results["serve"] = load_test(seconds=5 if args.quick else 15)
+    if "ray" in sections:
+        try:
+            from ray_bench import run as ray_bench
 
-        log("ray engine")
-        results["ray"] = ray_bench(1000 if args.quick else 3000, cache)
-    except ImportError as exc:
-        results["skipped"].append(f"ray engine: {exc} (pip install 'perm-lite[ray]')")
-    results["scale"] = scale([int(x) for x in args.scale.split(",")], cache)
-    results["minutes"] = round((time.time() - started) / 60, 1)
+            log("ray engine")
+            results["ray"] = ray_bench(1000 if args.quick else 3000, cache)
+        except ImportError as exc:
+            results.setdefault("skipped", []).append(f"ray engine: {exc} (pip install '.[ray]' in the checkout)")
+    if "scale" in sections:
+        results["scale"] = scale([int(x) for x in args.scale.split(",")], cache)
+    minutes = round((time.time() - started) / 60, 1)
+    if only:
+        results["partial_runs"][-1]["minutes"] = minutes
+    else:
+        results["minutes"] = minutes
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results["throughput"], args.out / "throughput.png")
     from report import render
 
     (args.out / "RESULTS.md").write_text(render(results))
-    log(f"wrote {args.out / 'RESULTS.md'}, results.json and throughput.png in {results['minutes']} min")
+    log(f"wrote {args.out / 'RESULTS.md'}, results.json and throughput.png in {minutes} min")
 
 
 if __name__ == "__main__":

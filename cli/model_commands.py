@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from perm_lite.cli.common import err, fail, train_extra
+from perm_lite.cli.common import EXIT_USAGE, err, fail, parse_mapping, quiet_torch, train_extra
 
 from perm_lite.errors import PermError
 
@@ -83,12 +80,41 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats (median reported).")] = 3,
     torch_baselines: Annotated[bool, typer.Option("--torch/--no-torch", help="PyTorch rows (train extra).")] = True,
     fp32_dir: Annotated[str | None, typer.Option(help="Model dir with an fp32 variant (perm fp32-variant).")] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="Other int8 model directories as extra rows through the same API, NAME=DIR[,NAME=DIR] "
+            "(e.g. `perm export --graph qdq` of the same checkpoint)."
+        ),
+    ] = None,
+    optimizer_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--optimizer-baseline/--no-optimizer-baseline",
+            help="Row of onnxruntime's transformer optimizer + dynamic int8 on the same weights (with --torch).",
+        ),
+    ] = True,
+    floor: Annotated[
+        bool,
+        typer.Option(
+            "--floor/--no-floor",
+            help="Measure the int8 GEMM floor and each int8 row's fraction of it at batch 32 "
+            "(with --json the output becomes {throughput, floor}).",
+        ),
+    ] = False,
+    optimum_python: Annotated[
+        str | None,
+        typer.Option(
+            help="Python of an environment with optimum-onnx and perm-lite (--no-deps) for the optimum "
+            "ORTModel row; needs --fp32-dir (see benchmarks/run.py)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Throughput and latency on this machine, as ratios against PyTorch fp32 in the same run."""
-    import itertools
+    import tempfile
 
-    from perm_lite.bench import build_backends, fixed_length_dialogues, measure, measure_steps, to_markdown
+    from perm_lite import bench as bench_lib
     from perm_lite.jsonl import open_input, read_records
 
     inputs = {}
@@ -97,28 +123,66 @@ def bench(
             dialogues = [p.dialogue for p in read_records(fh) if p.dialogue is not None]
         if not dialogues:
             raise fail(f"{input} holds no valid records")
-        inputs["mix"] = list(itertools.islice(itertools.cycle(dialogues), records))
+        inputs["mix"] = bench_lib.cycled(dialogues, records)
     for n in (int(x) for x in lengths.split(",") if x.strip()):
-        inputs[f"{n} tokens"] = fixed_length_dialogues(records, n)
+        inputs[f"{n} tokens"] = bench_lib.fixed_length_dialogues(records, n)
     sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    others = {name: Path(path) for name, path in parse_mapping(compare, "--compare").items()}
+    if optimum_python and not fp32_dir:
+        raise fail("--optimum-python needs --fp32-dir (a model directory with an fp32 variant)", EXIT_USAGE)
     show = stderr_is_terminal()
     started = time.perf_counter()
     if show:
         err("loading the models" + (" and the PyTorch baselines" if torch_baselines else "") + " ...")
-    with quiet_torch():
+    with quiet_torch(), tempfile.TemporaryDirectory(prefix="perm-bench-") as work:
+        baseline = None
+        if optimizer_baseline and torch_baselines:
+            try:
+                baseline = bench_lib.optimizer_baseline_dir(model, Path(work) / "baseline")
+            except ImportError as exc:
+                err(f"skipped {bench_lib.OPTIMIZER_BASELINE}: {exc}")
         try:
-            backends, skipped = build_backends(model, torch_baselines, Path(fp32_dir) if fp32_dir else None)
+            backends, skipped = bench_lib.build_backends(
+                model, torch_baselines, Path(fp32_dir) if fp32_dir else None, others, baseline
+            )
         except PermError as exc:
             raise fail(str(exc)) from None
         for reason in skipped:
             err(f"skipped {reason}")
-        with bench_progress(show) as progress:
-            table = measure(backends, inputs, sizes, repeats, progress=progress)
-    typer.echo(json.dumps(table, indent=2) if as_json else to_markdown(table))
-    runs = measure_steps(len(backends), len(inputs), len(sizes), repeats)
+        if optimum_python:  # optimum's worker scores one fixed input: one worker and one measure per input
+            table = []
+            for name, dialogues in inputs.items():
+                active = dict(backends)
+                active[bench_lib.OPTIMUM] = bench_lib.optimum_runner(
+                    Path(optimum_python), Path(fp32_dir), dialogues, Path(work)
+                )
+                with bench_progress(show) as progress:
+                    table += bench_lib.measure(active, {name: dialogues}, sizes, repeats, progress=progress)
+        else:
+            with bench_progress(show) as progress:
+                table = bench_lib.measure(backends, inputs, sizes, repeats, progress=progress)
+        floor_result = None
+        if floor:
+            from perm_lite.scorer import Scorer
+
+            scorer = Scorer(model, provider="cpu")
+            mix = scorer.encode(inputs["mix"]) if "mix" in inputs else None
+            int8_rows = [name for name in backends if "int8" in name]
+            try:
+                floor_result = bench_lib.gemm_floor(table, scorer.config.variant_path(scorer.variant), mix, int8_rows)
+            except (ImportError, ValueError) as exc:
+                err(f"skipped the GEMM floor: {exc}")
+    if as_json:
+        typer.echo(json.dumps({"throughput": table, "floor": floor_result} if floor else table, indent=2))
+    else:
+        typer.echo(bench_lib.to_markdown(table))
+        if floor_result:
+            typer.echo(bench_lib.floor_markdown(floor_result))
+    runs = bench_lib.measure_steps(len(backends) + bool(optimum_python), len(inputs), len(sizes), repeats)
     err(
-        f"benchmarked {len(backends)} backends on {len(inputs)} inputs x {len(sizes)} batch sizes "
-        f"({repeats} repeats, {runs} runs of {records} records or fewer) in {time.perf_counter() - started:.0f} s"
+        f"benchmarked {len(backends) + bool(optimum_python)} backends on {len(inputs)} inputs x {len(sizes)} "
+        f"batch sizes ({repeats} repeats, {runs} runs of {records} records or fewer) in "
+        f"{time.perf_counter() - started:.0f} s"
     )
 
 
@@ -152,31 +216,3 @@ def bench_progress(show: bool) -> Iterator[Callable[[int, int, str], None] | Non
             bar.refresh()
 
         yield progress
-
-
-# Warnings from these modules (and from the training code that drives them) are addressed to
-# developers of the libraries, not to someone running a perm command.
-_LIBRARY_WARNINGS = r"(torch|transformers|onnx|onnxscript|onnxruntime|perm_lite\.training)(\.|$)"
-_LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript")
-
-
-@contextmanager
-def quiet_torch() -> Iterator[None]:
-    """While a command runs PyTorch, transformers or the ONNX exporter: their Python warnings
-    (TracerWarning, deprecations, ...) and their log lines below ERROR are not shown."""
-    saved_env = os.environ.get("TRANSFORMERS_VERBOSITY")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers when it is imported
-    levels = {name: logging.getLogger(name).level for name in _LIBRARY_LOGGERS}
-    for name in _LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            # by the module a warning is attributed to: torch's TracerWarning, for one, names the
-            # model code being traced (transformers' or perm_lite.training's), not torch
-            warnings.filterwarnings("ignore", module=_LIBRARY_WARNINGS)
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-        if saved_env is None:
-            os.environ.pop("TRANSFORMERS_VERBOSITY", None)

@@ -41,7 +41,11 @@ def model_shape(onnx_path: Path) -> Shape:
 
     model = onnx.load(str(onnx_path))
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    ffn_in = [n for n in model.graph.node if n.op_type == "MatMul" and "/intermediate/dense/" in n.name]
+    ffn_in = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "MatMulIntegerToFloat", "MatMulNBits") and "/intermediate/dense/" in n.name
+    ]
     if not ffn_in:
         raise ValueError(f"{onnx_path}: no '/intermediate/dense/' MatMul; not a BERT-style export")
     weight = next(w for w in ffn_in[0].input[1:] + _dq_sources(model, ffn_in[0].input[1]) if w in shapes)

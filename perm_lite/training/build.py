@@ -18,7 +18,7 @@ from perm_lite.scales import PERSPECTIVES, SCALES
 from perm_lite.text import encode_dialogues, load_tokenizer
 from perm_lite.training.calibrate import anchor_bystander, fit_monotone, soft_tails
 from perm_lite.training.data import Corpus, build_corpus
-from perm_lite.training.export import export_model_dir, run_onnx
+from perm_lite.training.export import DEFAULT_GRAPH, export_model_dir, run_onnx
 
 log = logging.getLogger("perm_lite.build")
 WEAK_NEGATIVES = ("dismissive", "generic", "mismatched", "ladder:generic", "ladder:dismissive", "ladder:offtopic")
@@ -71,6 +71,20 @@ def quantization_checks(fp32: Path, int8: Path, corpus: Corpus, tokenizer, max_l
     }
 
 
+# Issue 3's int8 bars: per head Pearson int8 vs fp32, within-context orderings kept, and a
+# record's score alone vs in batches (as a fraction of the smallest head range).
+BARS = {"pearson": 0.99, "orderings_kept": 0.97, "batch_independence": 1e-4}
+
+
+def quantization_bars(checks: dict) -> dict[str, bool]:
+    """Which of `BARS` the figures of `quantization_checks` meet."""
+    return {
+        "pearson": min(checks["pearson_int8_vs_fp32"].values()) >= BARS["pearson"],
+        "orderings_kept": checks["orderings_kept"] >= BARS["orderings_kept"],
+        "batch_independence": checks["batch_independence_max_fraction_of_head_range"] <= BARS["batch_independence"],
+    }
+
+
 def fit_calibration(model: Path, corpus: Corpus, tokenizer, max_length: int) -> dict:
     """Monotone maps fitted on the validation split; the bystander head is anchored on weak
     negatives vs real replies unless most labelled examples carry a bystander label (judge
@@ -108,14 +122,15 @@ def build_model_dir(
     corpus: Corpus | None = None,
     extra_config: dict | None = None,
     name: str = "perm-lite-minilm",
-    version: str = "2.0.0",
+    version: str = "3.0.0",
     max_length: int = 384,
     seed: int = 13,
     calibration_records: int = 300,
     method: str = "minmax",
-    ffn_blockwise_layers: list[int] | None = (0,),
+    ffn_blockwise_layers: list[int] | None | str = "default",
     keep_fp32: bool = False,
     max_check_records: int = 0,
+    graph: str = DEFAULT_GRAPH,
 ) -> dict:
     if corpus is None:
         corpus = build_corpus(Path(data_dir), seed=seed)
@@ -142,11 +157,13 @@ def build_model_dir(
         ffn_blockwise_layers=ffn_blockwise_layers,
         keep_fp32=True,
         extra_config=extra,
+        graph=graph,
     )
     config = read_config(out_dir)
     tokenizer = load_tokenizer(out_dir / config.tokenizer)
     fp32, int8 = out_dir / config.variants["fp32"], out_dir / config.variants["int8"]
     report["quantization"] = quantization_checks(fp32, int8, corpus, tokenizer, max_length, seed)
+    report["quantization"]["bars_met"] = quantization_bars(report["quantization"])
     calibration = fit_calibration(int8, corpus, tokenizer, max_length)
     raw_config = config.editable_fields()
     raw_config["calibration"] = calibration

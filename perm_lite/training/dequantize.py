@@ -79,7 +79,34 @@ def state_dict_from_int8(path: Path) -> dict[str, np.ndarray]:
             out[key] = _dequantize(inits, producer, node.input[1]).T.copy()
         elif node.op_type == "MatMulNBits":
             out[key] = _dequantize_nbits(inits, node)
+    _fused_graph_weights(inits, out)
     return out
+
+
+def _fused_graph_weights(inits: dict, out: dict[str, np.ndarray]) -> None:
+    """Weights of the graph `perm export --graph fused` writes (training.fast_graph):
+    `<param>_int8` (in, out) s8 with `<param>_scale` per output column, Q/K/V packed as
+    `...attention.self.qkv.*`. (Its blockwise FFN projections are MatMulNBits nodes named
+    like the QDQ graph's, read above.)"""
+    from onnx import numpy_helper
+
+    for name in list(out):  # activation zero points, MatMulNBits blocks: not parameters
+        if name.endswith(("_zero_point", "_Q8", "_scales")):
+            out.pop(name)
+    for name in inits:
+        if not name.endswith(".weight_int8") or name.startswith("encoder.embeddings."):
+            continue
+        param = name[: -len("_int8")]
+        q = numpy_helper.to_array(inits[name]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[param + "_scale"]).astype(np.float32)
+        weight = (q * scale[None, :]).T.copy()  # (out, in), the PyTorch layout
+        if param.endswith(".attention.self.qkv.weight"):
+            module = param[: -len("qkv.weight")]
+            bias = out.pop(module + "qkv.bias")
+            for part, w, b in zip(("query", "key", "value"), np.split(weight, 3), np.split(bias, 3)):
+                out[f"{module}{part}.weight"], out[f"{module}{part}.bias"] = w.copy(), b.copy()
+        else:
+            out[param] = weight
 
 
 def torch_model_from_int8(model_dir: Path):

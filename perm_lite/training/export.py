@@ -1,12 +1,20 @@
-"""Export a trained checkpoint to ONNX (fp32, fused) and quantize it to static int8 (QDQ).
+"""Export a trained checkpoint to ONNX (fp32, fused) and quantize it to int8.
 
-Choices, measured on this project's model (see the model card):
-- legacy `torch.onnx.export` (dynamo=False) so onnxruntime's transformer optimizer can
-  fuse Attention / SkipLayerNorm / EmbedLayerNorm;
-- static QDQ with per-channel s8 weights and u8 activations calibrated on training
-  records one at a time (no padding in the ranges): activation scales are constants, so
-  a record's score does not depend on its batch neighbours (dynamic int8 fails that);
-- per-tensor weights distort scores and are not offered.
+Three int8 graphs (`GRAPHS`, `perm export --graph`), compared in benchmarks/NOTES.md:
+- "fused" (the default): the graph written for speed by `training.fast_graph`: contrib
+  operators emitted directly (MatMulIntegerToFloat with the bias folded in, QAttention
+  with an int8 packed Q/K/V projection, LayerNormalization, Gelu), constant activation
+  scales calibrated on training records one at a time;
+- "qdq": the previous export: static QDQ left to onnxruntime's optimizer (per-channel s8
+  weights, u8 activations, MatMul outputs fp32) with blockwise 8-bit MatMulNBits FFN output
+  projections in `ffn_blockwise_layers` (layer 0 by default);
+- "dynamic": a baseline only, onnxruntime's transformer optimizer (every fusion) plus
+  `quantize_dynamic` (per-channel s8): one activation scale per batch tensor, so a
+  record's score depends on its batch neighbours (it fails the batch-independence bar).
+
+Common choices: legacy `torch.onnx.export` (dynamo=False) for the fp32 graph, which
+onnxruntime's transformer optimizer can fuse; per-tensor weights distort scores and are
+not offered.
 """
 
 from __future__ import annotations
@@ -27,6 +35,23 @@ from perm_lite.text import Encoding, encode_dialogues, load_tokenizer, pad_batch
 
 log = logging.getLogger("perm_lite.export")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+GRAPHS = ("fused", "qdq", "dynamic")
+DEFAULT_GRAPH = "fused"
+# FFN output projections run as blockwise MatMulNBits, per graph, unless told otherwise.
+DEFAULT_BLOCKWISE = {"fused": (), "qdq": (0,), "dynamic": ()}
+
+
+def blockwise_layers(graph: str, layers: Sequence[int] | None | str = "default") -> Sequence[int] | None:
+    """The FFN-output layers that run blockwise for `graph`: `layers`, or the graph's default."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
+    if isinstance(layers, str):
+        if layers != "default":
+            raise ValueError(f"ffn_blockwise_layers: a list of layers, None (all) or 'default', not {layers!r}")
+        return DEFAULT_BLOCKWISE[graph]
+    if graph == "dynamic" and (layers is None or list(layers)):
+        raise ValueError("the dynamic baseline has no blockwise layers")
+    return layers
 
 
 def load_checkpoint(folder: Path):
@@ -71,19 +96,49 @@ def export_fp32(model, path: Path, opset: int = 17) -> Path:
     return path
 
 
-def fuse(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Path:
+def fuse(src: Path, dst: Path, num_heads: int, hidden_size: int, every_fusion: bool = False) -> Path:
     """Fuse LayerNorm, SkipLayerNorm and Gelu. Attention and EmbedLayerNorm stay unfused so
-    that every weight matrix remains a plain MatMul/Gather that int8 quantization covers."""
+    that every weight matrix remains a plain MatMul/Gather that int8 quantization covers,
+    unless `every_fusion` (the dynamic baseline, whose quantizer has rules for both)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
-    options.enable_attention = False
-    options.enable_embed_layer_norm = False
+    options.enable_attention = every_fusion
+    options.enable_embed_layer_norm = every_fusion
     optimized = optimize_model(
         str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
     )
     optimized.save_model_to_file(str(dst))
+    return dst
+
+
+def quantize_dynamic_baseline(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Path:
+    """The baseline a user gets from onnxruntime's own tools: the transformer optimizer with
+    every fusion (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu),
+    then `quantize_dynamic` with per-channel s8 weights (QAttention, DynamicQuantizeLinear +
+    MatMulInteger). Activation scales are computed per batch tensor at run time."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fused = Path(dst).with_suffix(".fused.onnx")
+    fuse(src, fused, num_heads, hidden_size, every_fusion=True)
+    # quantize_dynamic logs advice on the root logger (which would also install a handler there)
+    root, quiet, disabled = logging.getLogger(), logging.NullHandler(), logging.root.manager.disable
+    root.addHandler(quiet)
+    logging.disable(max(disabled, logging.WARNING))
+    try:
+        quantize_dynamic(
+            str(fused),
+            str(dst),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(disabled)
+        root.removeHandler(quiet)
+    fused.unlink()
     return dst
 
 
@@ -263,6 +318,38 @@ def quantize_word_embeddings(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def quantization_card(graph: str, layers: Sequence[int] | None, method: str) -> dict:
+    """The `quantization` block of config.json: what the int8 graph is made of."""
+    blockwise = {
+        "ffn_output_matmulnbits_layers": "all" if layers is None else list(layers),
+        "matmulnbits": "FFN output projections of those layers: 8-bit symmetric weights in blocks of 32, "
+        "activations quantized per row at run time (accuracy level 4)",
+    }
+    if graph == "fused":
+        return {
+            "format": "int8 contrib operators written at export (graph 'fused')",
+            "weights": "s8 per-channel, symmetric",
+            "activations": "u8, constant scales (minmax calibration, one record at a time)",
+            "operators": "MatMulIntegerToFloat with the bias folded in; QAttention (int8 packed Q/K/V "
+            "projection, fused attention); Add + LayerNormalization; Gelu",
+            **blockwise,
+            "calibration": "minmax",
+        }
+    if graph == "qdq":
+        return {
+            "format": "QDQ static",
+            "weights": "s8 per-channel",
+            "activations": "u8, constant scales (minmax calibration); MatMul outputs fp32 (MatMulIntegerToFloat)",
+            **blockwise,
+            "calibration": method,
+        }
+    return {
+        "format": "dynamic (onnxruntime transformer optimizer + quantize_dynamic), baseline",
+        "weights": "s8 per-channel",
+        "activations": "u8, one scale per batch tensor computed at run time: scores depend on batch neighbours",
+    }
+
+
 def run_onnx(path: Path, encodings: Sequence[Encoding], pad_id: int, batch_size: int = 32) -> np.ndarray:
     """Raw outputs of an ONNX file, length-sorted batches, input order (for checks)."""
     import onnxruntime as ort
@@ -294,11 +381,17 @@ def export_model_dir(
     version: str,
     max_length: int,
     method: str = "minmax",
-    ffn_blockwise_layers: Sequence[int] | None = (0,),
+    ffn_blockwise_layers: Sequence[int] | None | str = "default",
     keep_fp32: bool = False,
     extra_config: dict | None = None,
+    graph: str = DEFAULT_GRAPH,
 ) -> dict:
-    """Checkpoint -> fused fp32 ONNX -> static int8, checked against PyTorch; returns a report."""
+    """Checkpoint -> fused fp32 ONNX -> int8 (`graph`, one of `GRAPHS`), checked against
+    PyTorch; returns a report. `ffn_blockwise_layers`: layers, None (all) or "default"
+    (the graph's own default: `DEFAULT_BLOCKWISE`)."""
+    layers = blockwise_layers(graph, ffn_blockwise_layers)
+    if graph == "fused" and method != "minmax":
+        raise ValueError(f"the fused graph is calibrated with minmax, not {method!r} (use graph 'qdq')")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint(checkpoint)
@@ -309,6 +402,7 @@ def export_model_dir(
         tokenizer_src = base_encoder_dir() / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_src)
     pad_id = tokenizer.token_to_id("[PAD]")
+    int8_file = out_dir / "model.int8.onnx"
     with tempfile.TemporaryDirectory(prefix="perm-export-") as tmp:
         work = Path(tmp)
         raw_fp32 = export_fp32(model, work / "raw.onnx")
@@ -321,9 +415,18 @@ def export_model_dir(
         if fp32_err > 1e-3:
             raise RuntimeError(f"fused ONNX differs from PyTorch by {fp32_err:.2e} (> 1e-3)")
         calib = encode_dialogues(calibration_dialogues, tokenizer, max_length)
-        # Quantize the unfused graph: ONNX shape inference must type every tensor or the
-        # quantizer skips it. onnxruntime fuses the QDQ graph itself when a session loads it.
-        int8_path = quantize_int8(raw_fp32, out_dir / "model.int8.onnx", calib, pad_id, method, ffn_blockwise_layers)
+        if graph == "fused":
+            from perm_lite.training.fast_graph import GraphOptions, export_fast_int8
+
+            every = tuple(range(cfg.num_hidden_layers))
+            options = GraphOptions(blockwise_layers=every if layers is None else tuple(layers))
+            int8_path = export_fast_int8(model, int8_file, calib, pad_id, options)
+        elif graph == "qdq":
+            # Quantize the unfused graph: ONNX shape inference must type every tensor or the
+            # quantizer skips it. onnxruntime fuses the QDQ graph itself when a session loads it.
+            int8_path = quantize_int8(raw_fp32, int8_file, calib, pad_id, method, layers)
+        else:
+            int8_path = quantize_dynamic_baseline(raw_fp32, int8_file, cfg.num_attention_heads, cfg.hidden_size)
         int8_out = run_onnx(int8_path, check, pad_id)
         variants = {"int8": "model.int8.onnx"}
         if keep_fp32:
@@ -336,19 +439,12 @@ def export_model_dir(
         "max_length": max_length,
         "tokenizer": "tokenizer.json",
         "variants": variants,
-        "quantization": {
-            "format": "QDQ static",
-            "weights": "s8 per-channel",
-            "activations": "u8, constant scales (minmax calibration); MatMul outputs fp32 (MatMulIntegerToFloat)",
-            "ffn_output_matmulnbits_layers": "all" if ffn_blockwise_layers is None else list(ffn_blockwise_layers),
-            "matmulnbits": "FFN output projections of those layers: 8-bit symmetric weights in blocks of 32, "
-            "activations quantized per row at run time (accuracy level 4)",
-            "calibration": method,
-        },
+        "quantization": quantization_card(graph, layers, method),
         **(extra_config or {}),
     }
     write_config(out_dir, config)
     report = {
+        "graph": graph,
         "fp32_vs_torch_max_abs": fp32_err,
         "int8_vs_fp32_pearson": [
             float(np.corrcoef(int8_out[:, j], fp32_out[:, j])[0, 1]) for j in range(int8_out.shape[1])
