@@ -185,15 +185,18 @@ def score(
 
     try:
         with progress_bar(show, count_lines(input) if show else None) as tick:
+            annotate = _explainer(scorer, explain) if explain else None
             if tick is not None and not explain:
                 tick = _per_batch(scorer, tick)  # the bar moves with each batch, not each 512-record chunk
+            elif tick is not None:
+                tick, annotate = _per_record(tick, annotate)  # explanations: with each explained record
             summary = run.run(
                 scorer,
                 on_error=on_error_mode,
                 field_map=field_map,
                 progress=tick,
                 report_error=report,
-                annotate=_explainer(scorer, explain) if explain else None,
+                annotate=annotate,
             )
     except OutputWriteError as exc:
         if run.output_path is None:
@@ -261,6 +264,27 @@ def _per_batch(scorer, tick):
         shown = 0
 
     return settle
+
+
+def _per_record(tick, annotate):
+    """With --explain: the bar moves as each record is explained (explanations are slow, a
+    512-record chunk can take minutes); the chunk's own count settles it, as in `_per_batch`."""
+    shown = 0
+
+    def counted(dialogue, result) -> dict:
+        nonlocal shown
+        try:
+            return annotate(dialogue, result)
+        finally:
+            shown += 1
+            tick(1)
+
+    def settle(handled: int) -> None:
+        nonlocal shown
+        tick(handled - shown)
+        shown = 0
+
+    return settle, counted
 
 
 def _explainer(scorer, k: int):

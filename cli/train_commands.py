@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -173,21 +174,26 @@ def eval_model(
         from perm_lite.training.evaluate import run_evaluation, to_markdown
     checkpoints = parse_mapping(",".join(checkpoint or []), "--checkpoint") if checkpoint else {}
     with quiet_torch():
-        result = _evaluate(model, data, split, no_model, checkpoints, max_length, chatbot_only, run_evaluation)
+        result = _evaluate(model, data, split, no_model, checkpoints, max_length, chatbot_only, run_evaluation, quiet)
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(to_markdown(result))
 
 
-def _evaluate(model, data, split, no_model, checkpoints, max_length, chatbot_only, run_evaluation) -> dict:
-    return run_evaluation(
+def _evaluate(model, data, split, no_model, checkpoints, max_length, chatbot_only, run_evaluation, quiet=False):
+    started = time.perf_counter()
+    result = run_evaluation(
         "" if no_model else model,
         data,
         split,
         checkpoints=checkpoints,
         max_length=max_length,
         chatbot_only=chatbot_only,
+        progress=None if quiet else (lambda message: err(f"perm eval: {message}")),
     )
+    if not quiet:
+        err(f"perm eval: done in {time.perf_counter() - started:.0f} s ({len(result.get('chatbot', {}))} predictors)")
+    return result
 
 
 def _robustness(model: str, data: str | None, split: str, out: str | None, quiet: bool) -> None:

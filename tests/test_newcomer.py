@@ -227,3 +227,29 @@ def test_perm_score_bar_moves_before_the_first_chunk_is_written(tmp_path, tiny_m
     assert sum(n for n, _ in ticks) == 600  # and ends at the record count exactly
     scored = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in scored] == list(range(600))
+
+
+def test_perm_score_explain_bar_moves_per_explained_record(tmp_path, tiny_model_dir, monkeypatch):
+    from contextlib import contextmanager
+
+    from perm_lite.cli import score_commands
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [
+        {"id": i, "query": "I lost my job.", "response": "That is hard. I am sorry. " * (1 + i % 3)} for i in range(520)
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ticks: list[tuple[int, int]] = []
+
+    @contextmanager
+    def recording_bar(show, total, label="scoring"):
+        yield lambda n: ticks.append((n, out.stat().st_size if out.exists() else 0))
+
+    monkeypatch.setattr(score_commands, "progress_bar", recording_bar)
+    args = ["score", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--explain", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert ticks[0][0] == 1  # the first explained record, not the first 512-record chunk
+    assert sum(n for n, size in ticks if size == 0) >= 500
+    assert sum(n for n, _ in ticks) == 520
+    assert all("explain" in json.loads(x) for x in out.read_text().splitlines())

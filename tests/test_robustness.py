@@ -411,3 +411,17 @@ def test_training_modules_import_in_one_direction():
     cycles = [(a, b) for a, ds in deps.items() for b in ds if a in deps.get(b, set())]
     assert not cycles, cycles
     assert "corpus" in deps["chatbot_data"] and "data" not in deps["chatbot_data"]
+
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DATA / "mint").is_dir(), reason="needs ../shared/data")
+def test_perm_eval_says_what_it_scores(tiny_model_dir):
+    from perm_lite.training.evaluate import run_evaluation
+
+    messages: list[str] = []
+    result = run_evaluation(str(tiny_model_dir), str(DATA), chatbot_only=True, progress=messages.append)
+    assert set(result["chatbot"]) == {"perm-lite", "length"}
+    assert any(m.startswith("perm-lite: scoring ") for m in messages)
+    assert any(m.startswith("length: scoring ") for m in messages)

@@ -266,6 +266,16 @@ def checkpoint_predictor(folder: str, max_length: int = 384, batch_size: int = 3
     return predict
 
 
+def _announced(name: str, predict: Predictor, progress: Callable[[str], None]) -> Predictor:
+    """`predict`, saying before each call how many records it scores (long runs show progress)."""
+
+    def announced(dialogues: Sequence[Dialogue]) -> np.ndarray:
+        progress(f"{name}: scoring {len(dialogues)} records")
+        return predict(dialogues)
+
+    return announced
+
+
 def run_evaluation(
     model: str,
     data_dir: str,
@@ -274,6 +284,7 @@ def run_evaluation(
     checkpoints: dict[str, str] | None = None,
     max_length: int = 384,
     chatbot_only: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate a model directory (and any PyTorch checkpoints) beside the length and TF-IDF
     ridge baselines in one run: the older sources' test splits, held-out mint conversations,
@@ -286,11 +297,17 @@ def run_evaluation(
     for name, folder in (checkpoints or {}).items():
         predictors[name] = checkpoint_predictor(folder, max_length)
     predictors["length"] = length_predictor
+    if progress:
+        predictors = {name: _announced(name, p, progress) for name, p in predictors.items()}
     result = {"split": split, "model": model, "checkpoints": checkpoints or {}}
     if chatbot_only:
         return {**result, "chatbot": chatbot_evaluation(Path(data_dir), predictors, split)}
     corpus = build_corpus(Path(data_dir), seed=seed)
+    if progress:
+        progress("fitting the tfidf-ridge baseline")
     predictors["tfidf-ridge"] = fit_tfidf_ridge(corpus)
+    if progress:
+        predictors["tfidf-ridge"] = _announced("tfidf-ridge", predictors["tfidf-ridge"], progress)
     first = next(iter(predictors))
     report = evaluate(corpus, predictors, split=split, seed=seed)
     return {
