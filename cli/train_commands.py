@@ -71,55 +71,25 @@ def export_model(
     """Export a checkpoint to ONNX, quantize to static int8, check it and calibrate it."""
     with train_extra("perm export"):
         from perm_lite.training.build import build_model_dir
-    with quiet_torch():
-        report = _export(
-            checkpoint,
-            output,
-            data,
-            name,
-            version,
-            max_length,
-            keep_fp32,
-            max_check_records,
-            calibration_records,
-            ffn_blockwise_layers,
-            build_model_dir,
-            graph,
-        )
-    typer.echo(json.dumps(report["quantization"], indent=2))
-
-
-def _export(
-    checkpoint,
-    output,
-    data,
-    name,
-    version,
-    max_length,
-    keep_fp32,
-    max_check_records,
-    calibration_records,
-    ffn_blockwise_layers,
-    build_model_dir,
-    graph="fused",
-) -> dict:
     from perm_lite.training.export import GRAPHS
 
     if graph not in GRAPHS:
         raise fail(f"--graph takes {', '.join(GRAPHS)}, not {graph!r}", EXIT_USAGE)
-    return build_model_dir(
-        Path(checkpoint),
-        Path(output),
-        Path(data),
-        name=name,
-        version=version,
-        max_length=max_length,
-        keep_fp32=keep_fp32,
-        max_check_records=max_check_records,
-        calibration_records=calibration_records,
-        ffn_blockwise_layers=_layer_list(ffn_blockwise_layers),
-        graph=graph,
-    )
+    with quiet_torch():
+        report = build_model_dir(
+            Path(checkpoint),
+            Path(output),
+            Path(data),
+            name=name,
+            version=version,
+            max_length=max_length,
+            keep_fp32=keep_fp32,
+            max_check_records=max_check_records,
+            calibration_records=calibration_records,
+            ffn_blockwise_layers=_layer_list(ffn_blockwise_layers),
+            graph=graph,
+        )
+    typer.echo(json.dumps(report["quantization"], indent=2))
 
 
 def _layer_list(text: str) -> list[int] | None | str:

@@ -120,7 +120,8 @@ def join_shards(folder: Path, out: Path) -> Path:
     return out / "model.safetensors"
 
 
-def _validate(name: str, final: Path, out: Path, args) -> None:
+def _validate(name: str, final: Path, out: Path, args) -> dict:
+    """Validate one run's final checkpoint, print its summary and keep the report in `out`."""
     started = time.time()
     report = validation_report(final, Path(args.data), args.device)
     report["score"] = selection_score(report["summary"])
@@ -133,6 +134,7 @@ def _validate(name: str, final: Path, out: Path, args) -> None:
         flush=True,
     )
     (out / f"{name}.val.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,16 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--shards", action="store_true", help="write the chosen weights as fp16 shards")
     parser.add_argument("--skip-train", action="store_true", help="evaluate finished runs only")
-    parser.add_argument("--one", action="store_true", help="(internal) train and validate the one config given")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.one:
-        from perm_lite.training.train import TrainConfig, train
-
-        final = train(TrainConfig.from_file(args.configs[0]))
-        _validate(Path(args.configs[0]).stem, final, out, args)
-        return
     runs = {}
     for path in args.configs:
         cfg = json.loads(Path(path).read_text())
@@ -180,19 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (final / "model.safetensors").exists():
             figures[name] = {"error": "no final checkpoint"}
             continue
-        started = time.time()
-        report = validation_report(final, Path(args.data), args.device)
-        report["score"] = selection_score(report["summary"])
-        figures[name] = report
-        print(
-            name,
-            json.dumps(report["summary"]),
-            "score",
-            round(report["score"], 4),
-            f"({time.time() - started:.0f} s)",
-            flush=True,
-        )
-        (out / f"{name}.val.json").write_text(json.dumps(report, indent=1))
+        figures[name] = _validate(name, final, out, args)
     scored = {n: r["score"] for n, r in figures.items() if "score" in r}
     chosen = max(scored, key=scored.get) if scored else None
     (out / "selection.json").write_text(
