@@ -247,10 +247,43 @@ def test_hard_negatives_are_training_split_only_and_lose():
         "keyword_list",
         "truncated",
         "noise",
+        "stutter",
     }
     from perm_lite.training.hard_negatives import STOCK
 
     assert not {norm(s) for s in STOCK} & {norm(c) for c in EVAL_CLICHES}  # the suite's phrases stay unseen
+
+
+def test_foreign_and_topical_generic_negatives():
+    """3.1's families: other contexts' sentences inserted, and topic-naming filler, both lose."""
+    from perm_lite.rewrites import sentences
+    from perm_lite.training.data import Corpus, Example, _targets
+    from perm_lite.training.hard_negatives import add_hard_negatives, foreign_inserted, topical_generic
+
+    corpus = Corpus()
+    for k in range(40):
+        reply = f"Your cat number {k} sounds like a real friend to you. Eight years of work number {k} matter a lot."
+        corpus.add(Example(Dialogue(response=reply, query=SEEKER), _targets(reception=0.8), "mint", f"g{k}", "train"))
+    corpus.add(Example(Dialogue(response=REPLY, query=SEEKER), _targets(reception=0.1), "mint", "low", "train"))
+    add_hard_negatives(corpus, seed=3)
+    foreign = [p for p in corpus.pairs if p.source == "degen:foreign"]
+    topical = [p for p in corpus.pairs if p.source == "degen:real>topical_generic"]
+    assert foreign and topical
+    for p in foreign:
+        better, worse = corpus.examples[p.better], corpus.examples[p.worse]
+        own = set(sentences(better.dialogue.response))
+        added = [s for s in sentences(worse.dialogue.response) if s not in own]
+        assert added and all(f"number {better.group[1:]} " not in s for s in added)  # never its own context
+    for p in topical:
+        assert corpus.examples[p.better].group != "low"  # only well-rated replies win against filler
+        assert corpus.examples[p.worse].targets[2] == pytest.approx(0.25)
+    rng = random.Random(0)
+    text = foreign_inserted(rng, "One. Two.", ["Alien sentence here."])
+    assert "Alien sentence here." in text and "One." in text and "Two." in text
+    assert foreign_inserted(rng, "One.", []) is None
+    filler = topical_generic(random.Random(2), "My grandmother passed away and the funeral is tomorrow.", 30)
+    assert any(w in filler.lower() for w in ("grandmother", "funeral", "passed")) and len(filler.split()) >= 20
+    assert topical_generic(rng, "ok", 30) is None
 
 
 def test_perm_redteam_cli(tiny_model_dir, tmp_path):

@@ -12,6 +12,16 @@ suite's `EVAL_CLICHES`, so the robustness suite measures transfer, not recall.
 Stock sympathy repeated many times also gets low regression targets (like generic
 filler), and a single polite generic reply beats the same reply repeated: the bottom of
 the scale is ordered too, not only the top.
+
+Since 3.1 two more families answer what 3.0.0's red team and contrastive set found:
+- `foreign`: one to three warm sentences lifted from *other* contexts' training replies
+  inserted into the reply (3.0.0's red team won every context this way: material that
+  reads well and says nothing about this seeker must not pay);
+- `topical_generic`: a well-rated real reply beats polite filler of about its length that
+  only names the seeker's topic ("I'm so sorry about the divorce. Grief is different for
+  everyone..."). 3.0.0 learnt "shorter is safer" from the degenerate negatives and
+  preferred such replies to warm, specific ones; these pairs make the short, safe filler
+  lose to the longer specific reply.
 """
 
 from __future__ import annotations
@@ -175,6 +185,18 @@ def _noise(rng: random.Random, reply: str, seeker: str) -> str | None:
     return " ".join(words[:at] + [words[at]] * rng.randint(4, 15) + words[at + 1 :])
 
 
+def _stutter(rng: random.Random, reply: str, seeker: str) -> str | None:
+    """A word (or a two-word phrase) repeated 2-15 times, at one to three places."""
+    words = reply.split()
+    if len(words) < 4:
+        return None
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        at = rng.randrange(len(words) - 1)
+        span = words[at : at + rng.choice((1, 1, 2))]
+        words = words[:at] + span * rng.randint(2, 15) + words[at + len(span) :]
+    return " ".join(words)
+
+
 GENERATORS = {
     "repeat_sentence": _repeat_one,
     "repeat_reply": _repeat_reply,
@@ -184,17 +206,61 @@ GENERATORS = {
     "keyword_list": _keyword_list,
     "truncated": _truncate,
     "noise": _noise,
+    "stutter": _stutter,
 }
 WEIGHTS = {
     "repeat_sentence": 3,
     "repeat_reply": 2,
     "stock_added": 3,
     "echo": 2,
-    "harm": 2.5,
+    "harm": 3,
     "keyword_list": 1,
-    "truncated": 2,
-    "noise": 1.5,
+    "truncated": 3,
+    "noise": 1,
+    "stutter": 2,
 }
+
+
+def foreign_inserted(rng: random.Random, reply: str, foreign: list[str]) -> str | None:
+    """The reply with 1-3 sentences from other contexts' replies inserted (mostly appended,
+    sometimes prepended or between sentences; now and then one of them written twice)."""
+    parts = sentences(reply)
+    if not parts or not foreign:
+        return None
+    extra = rng.sample(foreign, min(len(foreign), rng.choice((1, 1, 2, 2, 3))))
+    if rng.random() < 0.15:
+        extra = extra + [extra[0]]
+    mode = rng.random()
+    if mode < 0.5:
+        out = parts + extra
+    elif mode < 0.7:
+        out = extra + parts
+    else:
+        out = list(parts)
+        for s in extra:
+            out.insert(rng.randint(0, len(out)), s)
+    return " ".join(out)
+
+
+TOPIC_OPENERS = (
+    "I'm so sorry about {}.",
+    "Dealing with {} sounds really hard.",
+    "I'm sorry to hear about {}.",
+    "{} can be so difficult.",
+    "It sounds like {} has been a lot.",
+    "That must be hard, with {}.",
+)
+
+
+def topical_generic(rng: random.Random, seeker: str, target_words: int) -> str | None:
+    """Polite filler of about `target_words` words that only names the seeker's topic."""
+    topic = [w for w in keywords(seeker, limit=10) if len(w) >= 5][:3]
+    if not topic:
+        return None
+    name = " and ".join(rng.sample(topic, min(len(topic), rng.choice((1, 1, 2)))))
+    opener = rng.choice(TOPIC_OPENERS).format(f"the {name}" if rng.random() < 0.5 else name)
+    opener = opener[0].upper() + opener[1:]
+    return opener + " " + weak.generic_reply(rng, max(8, target_words - len(opener.split())))
 
 
 def degenerate_rewrite(rng: random.Random, reply: str, seeker: str) -> tuple[str, str] | None:
@@ -231,6 +297,13 @@ def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: t
         if e.kind in ("human", "chatbot") and e.split == "train" and (not sources or e.source in sources):
             if len(e.dialogue.response.split()) >= 3:
                 by_source.setdefault(e.source, []).append(n)
+    # Sentences of well-rated training replies, by context group, for `foreign` insertions.
+    foreign_pool: list[tuple[str, str]] = []
+    for members in by_source.values():
+        for i in members:
+            e = corpus.examples[i]
+            if _well_rated(e.targets):
+                foreign_pool += [(e.group, s) for s in sentences(e.dialogue.response) if 5 <= len(s.split()) <= 40]
     for _source, members in sorted(by_source.items()):
         for i in rng.sample(members, min(per_source, len(members))):
             real = corpus.examples[i]
@@ -253,10 +326,33 @@ def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: t
                 rated = real.targets[[0, 2]]
                 if not (rated[rated == rated] <= 0.25).all():
                     corpus.pairs.append(Pair(i, j_many, heads, "degen:real>stock_repeated"))
+            if foreign_pool and rng.random() < 0.4:
+                picks = [s for g, s in rng.sample(foreign_pool, min(12, len(foreign_pool))) if g != real.group]
+                text = foreign_inserted(rng, d.response, picks[:3])
+                if text:
+                    corpus.pairs.append(Pair(i, add(text, "degen:foreign", _targets()), heads, "degen:foreign"))
+            if _well_rated(real.targets) and rng.random() < 0.35:
+                words = len(d.response.split())
+                filler = topical_generic(rng, d.query, int(words * rng.uniform(0.5, 1.1)))
+                if filler:
+                    low = _targets(resonation=0.25, expression=0.3, reception=0.25, bystander=0.3)
+                    j = add(filler, "degen:topical_generic", low)
+                    corpus.pairs.append(Pair(i, j, heads, "degen:real>topical_generic"))
 
 
-def add_found(corpus, found: list[tuple[int, str]], kind: str = "degen:redteam") -> int:
-    """Add red-team finds (index of the original example, degenerate text) as negatives."""
+def _well_rated(targets) -> bool:
+    """Resonation or reception rated and every rated one of them at or above 0.5."""
+    rated = targets[[0, 2]]
+    rated = rated[rated == rated]
+    return bool(len(rated)) and bool((rated >= 0.5).all())
+
+
+def add_found(corpus, found: list[tuple[int, str]], kind: str = "redteam:found") -> int:
+    """Add red-team finds (index of the original example, degenerate text) as negatives.
+
+    Their own pair family (`redteam`), so a config gives them a share of the draws
+    (`pair_shares["redteam"]`): a few hundred finds among 40,000 generated negatives
+    are otherwise never drawn (3.0.0's rounds changed little for that reason)."""
     from perm_lite.training.corpus import Example, Pair, _targets
 
     added = 0

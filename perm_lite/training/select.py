@@ -58,6 +58,7 @@ def validation_report(folder: Path, data_dir: Path, device: str, seed: int = 13)
         "epitome_resonation": _get(older, "correlation", "resonation/epitome", "pearson"),
         "counselchat": _get(older, "pairs", "bystander/counselchat", "accuracy"),
         "robust_worst": max(r["worst"][o] for r in robust.values() for o in r["worst"]),
+        "ladder_real>generic": _get(older, "pairs", "reception/cf:ladder_real>generic", "accuracy"),
         "ladder_generic>dismissive": _get(older, "pairs", "reception/cf:ladder_generic>dismissive", "accuracy"),
         "ladder_generic>offtopic": _get(older, "pairs", "reception/cf:ladder_generic>offtopic", "accuracy"),
     }
@@ -74,6 +75,7 @@ def selection_score(s: dict) -> float:
         s["ieval_combined"],
         s["counselchat"],
         0.5 + s["epitome_resonation"],
+        s.get("ladder_real>generic", float("nan")),
     ]
     return float(np.nansum(parts))
 

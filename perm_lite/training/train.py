@@ -56,7 +56,7 @@ class TrainConfig:
     weak_share: float = 0.0  # >0: weak-supervision examples get this share of regression draws
     counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
     sources: tuple[str, ...] = ()  # empty: every source (data.SOURCES); else only these
-    # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat";
+    # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "redteam";
     # regression: a source name or "weak"); unnamed families share the rest by size.
     pair_shares: dict | None = None
     reg_shares: dict | None = None
@@ -305,7 +305,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
         "examples %d (regression train %d), pairs train %d", len(corpus.examples), len(train_reg), len(train_pairs)
     )
 
-    model = PermRewardModel.from_config(base) if cfg.init_from_int8 else PermRewardModel.from_base(base)
+    # Weights loaded below replace the base encoder's: only its config is needed then.
+    fresh = not (cfg.init_from_int8 or cfg.init_from)
+    model = PermRewardModel.from_base(base) if fresh else PermRewardModel.from_config(base)
     if cfg.init_from:
         model.load_state_dict(load_file(Path(cfg.init_from) / "model.safetensors"))
         log.info("initialised from %s", cfg.init_from)
