@@ -1,0 +1,52 @@
+"""The fast tier's student (training.student): layer dropping keeps the teacher's weights,
+inputs come from the training split only, and the student's checkpoint exports."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_export_graph import encodings, tiny_model, torch_scores  # noqa: E402
+
+from perm_lite.records import Dialogue  # noqa: E402
+
+
+def test_shallow_copy_keeps_chosen_layers_and_heads():
+    import torch
+
+    from perm_lite.training.student import shallow_copy
+
+    teacher = tiny_model(seed=3)
+    student = shallow_copy(teacher, [1])
+    assert student.encoder.config.num_hidden_layers == 1 and len(student.encoder.encoder.layer) == 1
+    assert teacher.encoder.config.num_hidden_layers == 2  # the teacher is untouched
+    for a, b in zip(student.encoder.encoder.layer[0].parameters(), teacher.encoder.encoder.layer[1].parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(student.heads.weight, teacher.heads.weight)
+    encs = encodings(6, seed=1)
+    assert torch_scores(student, encs).shape == (6, 4)
+    # Keeping every layer is the teacher itself.
+    same = shallow_copy(teacher, [0, 1])
+    assert torch_scores(same, encs) == pytest.approx(torch_scores(teacher, encs), abs=1e-6)
+    for bad in ([], [2], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="--layers"):
+            shallow_copy(teacher, bad)
+
+
+def test_choose_inputs_training_split_only_and_pairs_whole():
+    from perm_lite.training.corpus import Corpus, Example, Pair, _targets
+    from perm_lite.training.student import choose_inputs
+
+    corpus = Corpus()
+    for k in range(60):
+        split = ("train", "val", "test")[k % 3]
+        corpus.add(Example(Dialogue(response=f"r{k}", query="q"), _targets(reception=0.5), "mint", f"g{k}", split))
+    for k in range(0, 57, 3):
+        corpus.pairs.append(Pair(k, k + 3, (0, 1, 2, 3), "mint"))  # train > train
+        corpus.pairs.append(Pair(k + 1, k + 4, (0, 1, 2, 3), "mint"))  # val > val: never used
+    items, pairs = choose_inputs(corpus, 15, seed=0)
+    assert all(corpus.examples[i].split == "train" for i in items)
+    assert len(items) == len(set(items)) <= 15
+    assert pairs and all(a in items and b in items for a, b in pairs)
