@@ -255,7 +255,7 @@ def test_hard_negatives_are_training_split_only_and_lose():
 
 
 def test_foreign_and_topical_generic_negatives():
-    """3.1's families: other contexts' sentences inserted, and topic-naming filler, both lose."""
+    """Other contexts' sentences inserted (opt-in) and topic-naming filler: both lose."""
     from perm_lite.rewrites import sentences
     from perm_lite.training.data import Corpus, Example, _targets
     from perm_lite.training.hard_negatives import add_hard_negatives, foreign_inserted, topical_generic
@@ -265,7 +265,7 @@ def test_foreign_and_topical_generic_negatives():
         reply = f"Your cat number {k} sounds like a real friend to you. Eight years of work number {k} matter a lot."
         corpus.add(Example(Dialogue(response=reply, query=SEEKER), _targets(reception=0.8), "mint", f"g{k}", "train"))
     corpus.add(Example(Dialogue(response=REPLY, query=SEEKER), _targets(reception=0.1), "mint", "low", "train"))
-    add_hard_negatives(corpus, seed=3)
+    add_hard_negatives(corpus, seed=3, foreign=0.4)
     foreign = [p for p in corpus.pairs if p.source == "degen:foreign"]
     topical = [p for p in corpus.pairs if p.source == "degen:real>topical_generic"]
     assert foreign and topical
@@ -277,6 +277,11 @@ def test_foreign_and_topical_generic_negatives():
     for p in topical:
         assert corpus.examples[p.better].group != "low"  # only well-rated replies win against filler
         assert corpus.examples[p.worse].targets[2] == pytest.approx(0.25)
+    off = Corpus()
+    for e in corpus.examples[:41]:
+        off.add(e)
+    add_hard_negatives(off, seed=3)  # the default draws no foreign sentences
+    assert not [p for p in off.pairs if p.source == "degen:foreign"]
     rng = random.Random(0)
     text = foreign_inserted(rng, "One. Two.", ["Alien sentence here."])
     assert "Alien sentence here." in text and "One." in text and "Two." in text

@@ -13,10 +13,13 @@ Stock sympathy repeated many times also gets low regression targets (like generi
 filler), and a single polite generic reply beats the same reply repeated: the bottom of
 the scale is ordered too, not only the top.
 
-Since 3.1 two more families answer what 3.0.0's red team and contrastive set found:
-- `foreign`: one to three warm sentences lifted from *other* contexts' training replies
-  inserted into the reply (3.0.0's red team won every context this way: material that
-  reads well and says nothing about this seeker must not pay);
+Two more families answer what 3.0.0's red team and contrastive set found:
+- `foreign` (off by default, `foreign=0.4` to draw it): one to three warm sentences lifted
+  from *other* contexts' training replies inserted into the reply (3.0.0's red team won
+  every context this way). Measured in the 3.1 candidate (see the model card): the model
+  could not tell another context's specific sentence from this context's own, learnt to
+  distrust specific, warm sentences in general and ranked warm replies below generic ones
+  (contrastive warm > generic 0.646 -> 0.458); kept for experiments, not for training;
 - `topical_generic`: a well-rated real reply beats polite filler of about its length that
   only names the seeker's topic ("I'm so sorry about the divorce. Grief is different for
   everyone..."). 3.0.0 learnt "shorter is safer" from the degenerate negatives and
@@ -284,10 +287,19 @@ def repeated_stock(rng: random.Random) -> tuple[str, str]:
     return once, " ".join([once] * rng.choice((3, 5, 10, 20, 30, 60)))
 
 
-def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: tuple[str, ...] = ()) -> None:
+def add_hard_negatives(
+    corpus,
+    seed: int = 0,
+    per_source: int = 2500,
+    sources: tuple[str, ...] = (),
+    foreign: float = 0.0,
+    topical: float = 0.35,
+) -> None:
     """Pairs "original > degenerate rewrite" (every head) for training-split real replies,
     and "single stock reply > the same repeated" plus "real reply > stock repeated" with
-    low regression targets for the repeated stock replies. Nothing from val/test."""
+    low regression targets for the repeated stock replies. With probability `foreign` per
+    reply, "original > original with other contexts' sentences"; with `topical` (well-rated
+    replies only), "original > topic-naming filler of about its length". Nothing from val/test."""
     from perm_lite.training.corpus import Example, Pair, _targets
 
     rng = random.Random(seed + 7919)
@@ -299,7 +311,7 @@ def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: t
                 by_source.setdefault(e.source, []).append(n)
     # Sentences of well-rated training replies, by context group, for `foreign` insertions.
     foreign_pool: list[tuple[str, str]] = []
-    for members in by_source.values():
+    for members in by_source.values() if foreign > 0 else ():
         for i in members:
             e = corpus.examples[i]
             if _well_rated(e.targets):
@@ -326,12 +338,12 @@ def add_hard_negatives(corpus, seed: int = 0, per_source: int = 2500, sources: t
                 rated = real.targets[[0, 2]]
                 if not (rated[rated == rated] <= 0.25).all():
                     corpus.pairs.append(Pair(i, j_many, heads, "degen:real>stock_repeated"))
-            if foreign_pool and rng.random() < 0.4:
+            if foreign_pool and rng.random() < foreign:
                 picks = [s for g, s in rng.sample(foreign_pool, min(12, len(foreign_pool))) if g != real.group]
                 text = foreign_inserted(rng, d.response, picks[:3])
                 if text:
                     corpus.pairs.append(Pair(i, add(text, "degen:foreign", _targets()), heads, "degen:foreign"))
-            if _well_rated(real.targets) and rng.random() < 0.35:
+            if _well_rated(real.targets) and rng.random() < topical:
                 words = len(d.response.split())
                 filler = topical_generic(rng, d.query, int(words * rng.uniform(0.5, 1.1)))
                 if filler:
