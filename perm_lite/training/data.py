@@ -271,13 +271,15 @@ SOURCES = (
 )
 
 
-def build_corpus(data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[str] = SOURCES) -> Corpus:
+def build_corpus(
+    data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[str] = SOURCES, foreign_negatives: float = 0.0
+) -> Corpus:
     """Load the named sources under `data_dir` (the layout of ../shared/data).
 
     `weak` adds the weak-supervision variants, `counterfactual` the counterfactual pairs
     (counterfactual.py) and `degenerate` the hard negatives against reward hacking
     (hard_negatives.py, training split only) of the loaded sources; a source left out is absent from every split
-    (leave-one-source-out runs)."""
+    (leave-one-source-out runs). `foreign_negatives`: see `hard_negatives.add_hard_negatives`."""
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown training sources {sorted(unknown)}; choose from {list(SOURCES)}")
@@ -303,7 +305,7 @@ def build_corpus(data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[
     if "counterfactual" in sources:
         counterfactual.add_counterfactuals(corpus, data_dir, seed=seed, with_epitome="epitome" in sources)
     if "degenerate" in sources:
-        hard_negatives.add_hard_negatives(corpus, seed=seed)
+        hard_negatives.add_hard_negatives(corpus, seed=seed, foreign=foreign_negatives)
     return corpus
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     bf16: bool = True
     init_from: str = ""  # a previous run's final/ folder: continue from its weights (stage 2)
     init_from_int8: str = ""  # a model directory: continue from its shipped int8 weights, dequantized
+    foreign_negatives: float = 0.0  # share of replies given other contexts' sentences as negatives (off: see card)
     encoder_dir: str = ""  # folder with the encoder's config.json and tokenizer.json (default: the base package)
     device: str = "cpu"  # "cuda" where a GPU is lent (bf16 autocast there too)
     # Adversarial rounds (model 3.0): at these steps, the red team (perm_lite.redteam) searches
@@ -295,7 +296,12 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
     base = Path(cfg.encoder_dir) if cfg.encoder_dir else base_encoder_dir()
     tokenizer = load_tokenizer(base / "tokenizer.json")
     if corpus is None:
-        corpus = build_corpus(Path(cfg.data_dir), seed=cfg.seed, **({"sources": cfg.sources} if cfg.sources else {}))
+        corpus = build_corpus(
+            Path(cfg.data_dir),
+            seed=cfg.seed,
+            foreign_negatives=cfg.foreign_negatives,
+            **({"sources": cfg.sources} if cfg.sources else {}),
+        )
     if cfg.max_examples:
         corpus = subsample(corpus, cfg.max_examples, cfg.seed)
     data = EncodedCorpus(corpus, tokenizer, cfg.max_length, tokenizer.token_to_id("[PAD]"))
