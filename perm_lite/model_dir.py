@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT = "perm-lite-model/1"
 DEFAULT_MODEL = "perm-lite-minilm"
-FAST_MODEL = "perm-lite-minilm-fast"  # the fast tier: a 3-layer student of the default
 GENERATED_FIELDS = ("files", "format", "template")
 RESERVED_NAMES = ("combined", "truncated", "error")  # output names a perspective would collide with
 VARIANTS = ("int8", "fp32", "fp16")  # the ONNX variants a model directory may hold
@@ -49,9 +48,8 @@ class CatalogueEntry:
 
 CATALOGUE: dict[str, CatalogueEntry] = {
     DEFAULT_MODEL: CatalogueEntry(name=DEFAULT_MODEL),
-    FAST_MODEL: CatalogueEntry(name=FAST_MODEL),
 }
-ALIASES = {"default": DEFAULT_MODEL, "fast": FAST_MODEL}
+ALIASES = {"default": DEFAULT_MODEL}
 
 
 @dataclass(frozen=True)
