@@ -40,41 +40,18 @@ def _floor_measured(row: dict) -> dict:
 def targets(results: dict) -> list[list]:
     t = results["throughput"]
     int8 = _find(t, "mix", 32, "perm-lite int8")
-    eager = _find(t, "mix", 32, "pytorch fp32 eager")
-    srt = _find(t, "mix", 32, "pytorch fp32 sorted")
-    optimum = _find(t, "mix", 32, "optimum ORTModel fp32")
     single = _find(t, "128 tokens", 1, "perm-lite int8")
     rows = []
-    if int8 and eager:
-        x = int8["records_per_second"] / eager["records_per_second"]
-        rows.append(
-            [
-                "int8 vs PyTorch eager, batch 32, mix",
-                f">= {TARGETS['eager']}x",
-                f"{x:.2f}x",
-                "met" if x >= TARGETS["eager"] else "not met",
-            ]
-        )
-    if int8 and srt:
-        x = int8["records_per_second"] / srt["records_per_second"]
-        rows.append(
-            [
-                "int8 vs PyTorch length-sorted, batch 32, mix",
-                f">= {TARGETS['sorted']}x",
-                f"{x:.2f}x",
-                "met" if x >= TARGETS["sorted"] else "not met",
-            ]
-        )
-    if int8 and optimum:
-        x = int8["records_per_second"] / optimum["records_per_second"]
-        rows.append(
-            [
-                "int8 vs optimum ORTModel fp32, batch 32, mix",
-                f">= {TARGETS['optimum']}x",
-                f"{x:.2f}x",
-                "met" if x >= TARGETS["optimum"] else "not met",
-            ]
-        )
+    ratios = (
+        ("pytorch fp32 eager", "int8 vs PyTorch eager, batch 32, mix", "eager"),
+        ("pytorch fp32 sorted", "int8 vs PyTorch length-sorted, batch 32, mix", "sorted"),
+        ("optimum ORTModel fp32", "int8 vs optimum ORTModel fp32, batch 32, mix", "optimum"),
+    )
+    for backend, label, key in ratios:
+        base = _find(t, "mix", 32, backend)
+        if int8 and base:
+            x = int8["records_per_second"] / base["records_per_second"]
+            rows.append([label, f">= {TARGETS[key]}x", f"{x:.2f}x", "met" if x >= TARGETS[key] else "not met"])
     if single:
         rows.append(
             [
