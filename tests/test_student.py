@@ -50,3 +50,25 @@ def test_choose_inputs_training_split_only_and_pairs_whole():
     assert all(corpus.examples[i].split == "train" for i in items)
     assert len(items) == len(set(items)) <= 15
     assert pairs and all(a in items and b in items for a, b in pairs)
+
+
+def test_write_checkpoint_replaces_the_previous_one_whole(tmp_path):
+    """The checkpoint writer train.py and the student share: weights, optimizer, step."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from perm_lite.training.train import write_checkpoint
+
+    model = tiny_model(seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt = tmp_path / "checkpoint"
+    write_checkpoint(model, optimizer, 10, ckpt)
+    (ckpt / "stale.txt").write_text("from an older run")
+    write_checkpoint(model, optimizer, 20, ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.pt", "state.json"]
+    assert json.loads((ckpt / "state.json").read_text()) == {"step": 20}
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert torch.equal(saved["heads.weight"], model.heads.weight)

@@ -122,7 +122,7 @@ def distil(
     from perm_lite.text import load_tokenizer
     from perm_lite.training.data import build_corpus
     from perm_lite.training.export import load_checkpoint
-    from perm_lite.training.train import EncodedCorpus, forward_by_length
+    from perm_lite.training.train import EncodedCorpus, forward_by_length, write_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -179,9 +179,7 @@ def distil(
             rate = (step - first) / max(1e-6, time.time() - started)
             log.info("step %d/%d loss %.5f (%.2f steps/s)", step, steps, loss.item(), rate)
         if step % checkpoint_every == 0 or step == steps:
-            _save(student, ckpt, teacher_dir, save_file)
-            torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
-            (ckpt / "state.json").write_text(json.dumps({"step": step}))
+            write_checkpoint(student, optimizer, step, ckpt)
     final = out / "final"
     _save(student, final, teacher_dir, save_file)
     (final / "student.json").write_text(
@@ -191,7 +189,7 @@ def distil(
 
 
 def _save(model, folder: Path, teacher_dir: Path, save_file) -> None:
-    """A checkpoint folder `perm export` reads: weights, encoder config, tokenizer."""
+    """The final folder `perm export` reads: weights, the student's encoder config, tokenizer."""
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         staging = Path(tmp) / folder.name
         staging.mkdir()

@@ -278,6 +278,19 @@ def adversarial_round(model, corpus: Corpus, tokenizer, cfg: TrainConfig, step: 
     return found
 
 
+def write_checkpoint(model, optimizer, step: int, ckpt: Path) -> None:
+    """Weights, optimizer state and step into `ckpt`, written beside it and renamed into
+    place: a stop mid-write leaves the previous checkpoint whole."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+
+
 def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
     """Train (or resume) and return the folder holding `model.safetensors`.
 
@@ -404,14 +417,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
                 rate,
             )
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            tmp = out / "checkpoint.tmp"
-            tmp.mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            tmp.rename(ckpt)
+            write_checkpoint(model, optimizer, step, ckpt)
     final = out / "final"
     final.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, final / "model.safetensors")
