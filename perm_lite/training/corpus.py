@@ -59,6 +59,12 @@ class Corpus:
         return out
 
 
+def empathy_ratings(targets: np.ndarray) -> np.ndarray:
+    """An example's rated resonation and reception targets (unrated heads left out)."""
+    values = targets[[HEAD["resonation"], HEAD["reception"]]]
+    return values[~np.isnan(values)]
+
+
 def _targets(**values: float) -> np.ndarray:
     t = np.full(len(PERSPECTIVES), NAN, dtype=np.float32)
     for name, value in values.items():

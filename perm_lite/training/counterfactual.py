@@ -166,7 +166,7 @@ def add_counterfactuals(
 def behaviour_ladder(corpus, i: int, rng: random.Random) -> None:
     """Generic, dismissive and off-topic replies to example i's context, with the pairs
     real > generic > {dismissive, off-topic} on every head (see the module doc)."""
-    from perm_lite.training.corpus import HEAD, Example, Pair, _targets
+    from perm_lite.training.corpus import HEAD, Example, Pair, _targets, empathy_ratings
 
     real = corpus.examples[i]
     d = real.dialogue
@@ -191,8 +191,7 @@ def behaviour_ladder(corpus, i: int, rng: random.Random) -> None:
         "ladder:offtopic",
         _targets(resonation=0.0, expression=0.1, reception=0.0, bystander=0.05),
     )
-    labelled = real.targets[[HEAD["resonation"], HEAD["reception"]]]
-    if not (labelled[labelled == labelled] <= 0.25).all():  # the real reply is rated above the bottom
+    if not (empathy_ratings(real.targets) <= 0.25).all():  # the real reply is rated above the bottom
         corpus.pairs.append(Pair(i, generic, heads, "cf:ladder_real>generic"))
     corpus.pairs.append(Pair(i, dismissive, heads, "cf:ladder_real>dismissive"))
     corpus.pairs.append(Pair(i, offtopic, heads, "cf:ladder_real>offtopic"))

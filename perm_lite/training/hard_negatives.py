@@ -35,6 +35,7 @@ import re
 from perm_lite.records import Dialogue
 from perm_lite.rewrites import EVAL_CLICHES, TRAIN_CLICHES, keywords, norm, sentences
 from perm_lite.training import weak
+from perm_lite.training.corpus import empathy_ratings
 
 # Stock phrases for negatives: never one of the suite's (weak.py's generic sentences share
 # "Your feelings are valid." with EVAL_CLICHES; 3.0.0's runs still drew it, see the card).
@@ -335,8 +336,7 @@ def add_hard_negatives(
                 j_once = add(once, "degen:stock_once", _targets())
                 j_many = add(many, "degen:stock_repeated", low)
                 corpus.pairs.append(Pair(j_once, j_many, heads, "degen:stock_once>repeated"))
-                rated = real.targets[[0, 2]]
-                if not (rated[rated == rated] <= 0.25).all():
+                if not (empathy_ratings(real.targets) <= 0.25).all():
                     corpus.pairs.append(Pair(i, j_many, heads, "degen:real>stock_repeated"))
             if foreign_pool and rng.random() < foreign:
                 picks = [s for g, s in rng.sample(foreign_pool, min(12, len(foreign_pool))) if g != real.group]
@@ -354,8 +354,7 @@ def add_hard_negatives(
 
 def _well_rated(targets) -> bool:
     """Resonation or reception rated and every rated one of them at or above 0.5."""
-    rated = targets[[0, 2]]
-    rated = rated[rated == rated]
+    rated = empathy_ratings(targets)
     return bool(len(rated)) and bool((rated >= 0.5).all())
 
 

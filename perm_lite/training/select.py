@@ -75,7 +75,7 @@ def selection_score(s: dict) -> float:
         s["ieval_combined"],
         s["counselchat"],
         0.5 + s["epitome_resonation"],
-        s.get("ladder_real>generic", float("nan")),
+        s["ladder_real>generic"],
     ]
     return float(np.nansum(parts))
 
