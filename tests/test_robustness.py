@@ -267,7 +267,7 @@ def test_foreign_and_topical_generic_negatives():
     corpus.add(Example(Dialogue(response=REPLY, query=SEEKER), _targets(reception=0.1), "mint", "low", "train"))
     add_hard_negatives(corpus, seed=3, foreign=0.4)
     foreign = [p for p in corpus.pairs if p.source == "degen:foreign"]
-    topical = [p for p in corpus.pairs if p.source == "degen:real>topical_generic"]
+    topical = [p for p in corpus.pairs if p.source == "generic:real>topical_generic"]
     assert foreign and topical
     for p in foreign:
         better, worse = corpus.examples[p.better], corpus.examples[p.worse]

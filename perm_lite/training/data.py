@@ -32,7 +32,7 @@ import numpy as np
 
 from perm_lite.records import Dialogue, Turn
 from perm_lite.scales import PERSPECTIVES
-from perm_lite.training import chatbot_data, counterfactual, hard_negatives, weak
+from perm_lite.training import chatbot_data, counterfactual, hard_negatives, weak, written
 from perm_lite.training.corpus import HEAD, NAN, Corpus, Example, Pair, _targets, hash_split  # noqa: F401 (re-exported)
 
 
@@ -268,18 +268,25 @@ SOURCES = (
     "weak",
     "counterfactual",
     "degenerate",
+    "written",
 )
 
 
 def build_corpus(
-    data_dir: Path, seed: int = 0, sources: tuple[str, ...] | list[str] = SOURCES, foreign_negatives: float = 0.0
+    data_dir: Path,
+    seed: int = 0,
+    sources: tuple[str, ...] | list[str] = SOURCES,
+    foreign_negatives: float = 0.0,
+    topical_negatives: float = 0.35,
 ) -> Corpus:
     """Load the named sources under `data_dir` (the layout of ../shared/data).
 
     `weak` adds the weak-supervision variants, `counterfactual` the counterfactual pairs
     (counterfactual.py) and `degenerate` the hard negatives against reward hacking
-    (hard_negatives.py, training split only) of the loaded sources; a source left out is absent from every split
-    (leave-one-source-out runs). `foreign_negatives`: see `hard_negatives.add_hard_negatives`."""
+    (hard_negatives.py, training split only) of the loaded sources, `written` the project's
+    hand-written contrast pairs (written.py, its training files only); a source left out is absent from every split
+    (leave-one-source-out runs). `foreign_negatives`, `topical_negatives`: the `foreign` and
+    `topical` shares of `hard_negatives.add_hard_negatives`."""
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown training sources {sorted(unknown)}; choose from {list(SOURCES)}")
@@ -305,7 +312,9 @@ def build_corpus(
     if "counterfactual" in sources:
         counterfactual.add_counterfactuals(corpus, data_dir, seed=seed, with_epitome="epitome" in sources)
     if "degenerate" in sources:
-        hard_negatives.add_hard_negatives(corpus, seed=seed, foreign=foreign_negatives)
+        hard_negatives.add_hard_negatives(corpus, seed=seed, foreign=foreign_negatives, topical=topical_negatives)
+    if "written" in sources:
+        written.add_written(corpus, "train")
     return corpus
 
 

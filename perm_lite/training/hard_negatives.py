@@ -24,7 +24,8 @@ Two more families answer what 3.0.0's red team and contrastive set found:
   only names the seeker's topic ("I'm so sorry about the divorce. Grief is different for
   everyone..."). 3.0.0 learnt "shorter is safer" from the degenerate negatives and
   preferred such replies to warm, specific ones; these pairs make the short, safe filler
-  lose to the longer specific reply.
+  lose to the longer specific reply. Their own pair family, `generic`, so a config gives
+  them a share of the draws (`pair_shares["generic"]`, `topical_negatives` for how many).
 """
 
 from __future__ import annotations
@@ -348,8 +349,8 @@ def add_hard_negatives(
                 filler = topical_generic(rng, d.query, int(words * rng.uniform(0.5, 1.1)))
                 if filler:
                     low = _targets(resonation=0.25, expression=0.3, reception=0.25, bystander=0.3)
-                    j = add(filler, "degen:topical_generic", low)
-                    corpus.pairs.append(Pair(i, j, heads, "degen:real>topical_generic"))
+                    j = add(filler, "generic:topical_filler", low)
+                    corpus.pairs.append(Pair(i, j, heads, "generic:real>topical_generic"))
 
 
 def _well_rated(targets) -> bool:

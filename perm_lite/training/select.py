@@ -5,8 +5,10 @@
 Each config trains as its own process (in parallel with `--parallel`, e.g. on one GPU),
 then every final checkpoint is evaluated on validation data only: held-out mint and iEval
 validation splits, the older sources' validation splits and the robustness suite on the
-mint and iEval validation contexts (the contrastive check set and the test splits are
-never used to choose). `DIR/selection.json` holds every figure and the choice;
+mint and iEval validation contexts, and the hand-written validation contrasts
+(`written/val.jsonl`: warm, specific replies above generic ones above dismissive and
+off-topic ones). The contrastive check set and the test splits are never used to choose.
+`DIR/selection.json` holds every figure and the choice;
 `DIR/selected/` the chosen weights (optionally as fp16 shards small enough to copy).
 """
 
@@ -33,7 +35,7 @@ def _get(d: dict, *keys, default=float("nan")) -> float:
 
 def validation_report(folder: Path, data_dir: Path, device: str, seed: int = 13) -> dict:
     """Validation figures of one checkpoint (PyTorch, `device`)."""
-    from perm_lite.training import robustness
+    from perm_lite.training import robustness, written
     from perm_lite.training.chatbot_eval import chatbot_evaluation
     from perm_lite.training.data import build_corpus
     from perm_lite.training.evaluate import checkpoint_predictor, evaluate
@@ -50,6 +52,8 @@ def validation_report(folder: Path, data_dir: Path, device: str, seed: int = 13)
     older = evaluate(corpus, {"m": predict}, split="val", seed=seed)["m"]
     sets = robustness.load_sets(data_dir, "val", ("mint", "ieval"))
     robust = robustness.run_suite(predict, sets)
+    items = written.load_written("val")
+    hand = written.written_eval(items, predict([d for item in items for d in written.dialogues(item)])) if items else {}
     summary = {
         "mint_reception": _get(chat, "mint", "aggregated", "all", "reception", "accuracy"),
         "mint_combined": _get(chat, "mint", "aggregated", "all", "combined", "accuracy"),
@@ -61,8 +65,10 @@ def validation_report(folder: Path, data_dir: Path, device: str, seed: int = 13)
         "ladder_real>generic": _get(older, "pairs", "reception/cf:ladder_real>generic", "accuracy"),
         "ladder_generic>dismissive": _get(older, "pairs", "reception/cf:ladder_generic>dismissive", "accuracy"),
         "ladder_generic>offtopic": _get(older, "pairs", "reception/cf:ladder_generic>offtopic", "accuracy"),
+        "written_warm>generic": _get(hand, "rates", "combined", "warm>generic"),
+        "written_generic>bad": _get(hand, "rates", "combined", "generic>bad"),
     }
-    return {"summary": summary, "chatbot": chat, "older": older, "robustness": robust}
+    return {"summary": summary, "chatbot": chat, "older": older, "robustness": robust, "written": hand}
 
 
 def selection_score(s: dict) -> float:
@@ -76,6 +82,8 @@ def selection_score(s: dict) -> float:
         s["counselchat"],
         0.5 + s["epitome_resonation"],
         s["ladder_real>generic"],
+        s.get("written_warm>generic", float("nan")),
+        s.get("written_generic>bad", float("nan")),
     ]
     return float(np.nansum(parts))
 

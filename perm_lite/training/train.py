@@ -47,6 +47,7 @@ class TrainConfig:
     init_from: str = ""  # a previous run's final/ folder: continue from its weights (stage 2)
     init_from_int8: str = ""  # a model directory: continue from its shipped int8 weights, dequantized
     foreign_negatives: float = 0.0  # share of replies given other contexts' sentences as negatives (off: see card)
+    topical_negatives: float = 0.35  # share of well-rated replies paired against topic-naming filler ("generic")
     encoder_dir: str = ""  # folder with the encoder's config.json and tokenizer.json (default: the base package)
     device: str = "cpu"  # "cuda" where a GPU is lent (bf16 autocast there too)
     # Adversarial rounds (model 3.0): at these steps, the red team (perm_lite.redteam) searches
@@ -57,7 +58,7 @@ class TrainConfig:
     weak_share: float = 0.0  # >0: weak-supervision examples get this share of regression draws
     counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
     sources: tuple[str, ...] = ()  # empty: every source (data.SOURCES); else only these
-    # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "redteam";
+    # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "generic", "redteam";
     # regression: a source name or "weak"); unnamed families share the rest by size.
     pair_shares: dict | None = None
     reg_shares: dict | None = None
@@ -313,6 +314,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
             Path(cfg.data_dir),
             seed=cfg.seed,
             foreign_negatives=cfg.foreign_negatives,
+            topical_negatives=cfg.topical_negatives,
             **({"sources": cfg.sources} if cfg.sources else {}),
         )
     if cfg.max_examples:
