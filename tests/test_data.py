@@ -54,6 +54,8 @@ def test_heads_supervised_by_the_documented_sources(corpus):
         "cf:offtopic",
         "cf:removed:interpretations",
         "cf:removed:emotional-reactions",
+        "generic:real>topical_generic",
+        "written:warm_short>generic",
     }
 
 
