@@ -75,3 +75,21 @@ def test_a_broken_record_names_its_file_and_line(tmp_path):
     (tmp_path / "val.jsonl").write_text("{oops\n")
     with pytest.raises(ValueError, match="line 1: not JSON"):
         written.load_written("val", tmp_path)
+
+
+def test_selection_counts_the_written_validation():
+    from perm_lite.training.select import selection_score
+
+    base = {
+        "robust_worst": 0.2,
+        "mint_combined": 0.85,
+        "mint_length_matched": 0.75,
+        "ieval_combined": 0.74,
+        "counselchat": 0.8,
+        "epitome_resonation": 0.4,
+        "ladder_real>generic": 0.9,
+    }
+    without = selection_score(base)  # older selection files have no written figures
+    better = selection_score(base | {"written_warm>generic": 0.9, "written_generic>bad": 0.8})
+    worse = selection_score(base | {"written_warm>generic": 0.4, "written_generic>bad": 0.8})
+    assert better - worse == pytest.approx(0.5) and better - without == pytest.approx(1.7)
