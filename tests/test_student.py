@@ -52,6 +52,26 @@ def test_choose_inputs_training_split_only_and_pairs_whole():
     assert pairs and all(a in items and b in items for a, b in pairs)
 
 
+def test_choose_inputs_follows_the_teachers_family_shares():
+    """A small source drawn with its configured share, not its (tiny) share of the corpus."""
+    from perm_lite.training.corpus import Corpus, Example, Pair, _targets
+    from perm_lite.training.student import choose_inputs
+
+    corpus = Corpus()
+    for k in range(400):
+        source = "epitome" if k >= 200 and k % 10 == 5 else "mint"  # 5% of the examples, in no pair
+        corpus.add(Example(Dialogue(response=f"r{k}", query="q"), _targets(reception=0.5), source, f"g{k}", "train"))
+    for k in range(0, 200, 2):
+        corpus.pairs.append(Pair(k, k + 1, (0, 1, 2, 3), "counselchat" if k % 40 == 0 else "degen:x"))
+    small = {i for i, e in enumerate(corpus.examples) if e.source == "epitome"}
+    uniform, _ = choose_inputs(corpus, 60, seed=1)
+    items, pairs = choose_inputs(corpus, 60, 1, {"counselchat": 0.5}, {"epitome": 0.5})
+    counsel = sum(corpus.pairs[a // 2].source == "counselchat" for a, _ in pairs)
+    assert len(pairs) == 20 and counsel >= 4  # 5 of 100 pairs, half of the draws: nearly all drawn
+    singles = items[2 * len(pairs) :]
+    assert len(set(singles) & small) >= 0.3 * len(singles) > len(set(uniform[-len(singles) :]) & small)
+
+
 def test_write_checkpoint_replaces_the_previous_one_whole(tmp_path):
     """The checkpoint writer train.py and the student share: weights, optimizer, step."""
     import json

@@ -8,8 +8,9 @@
 2. Its targets are the teacher's raw head outputs (PyTorch fp32) on training-split inputs
    of the corpus: real replies, counterfactuals, the behaviour ladders and the degenerate
    rewrites, so the student learns the teacher's robustness, not only its top. Inputs are
-   drawn pair first (both ends of a training pair), then single examples; nothing from
-   the validation or test splits. Labels are cached in the output folder (`labels.npz`).
+   drawn pair first (both ends of a training pair), then single examples, with the family
+   shares of the teacher's own training config (`--uniform`: every input alike); nothing
+   from the validation or test splits. Labels are cached in the output folder (`labels.npz`).
 3. Loss: MSE to the teacher on every head, plus RankNet on the sampled pairs in the
    teacher's order (pairs the teacher separates by at least `--min-gap`).
 4. Checkpoints every `--checkpoint-every` steps with the optimizer state; a rerun with the
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -47,28 +47,50 @@ def shallow_copy(teacher, keep: list[int]):
     return student
 
 
-def choose_inputs(corpus, n_labels: int, seed: int) -> tuple[list[int], list[tuple[int, int]]]:
+def weighted_order(families: list[str], shares: dict | None, rng: np.random.Generator) -> np.ndarray:
+    """A random order of the items, drawn without replacement with each family's share of the
+    draws (`train.family_shares`; uniform without shares): taking the first k of it samples k."""
+    from perm_lite.training.train import family_shares
+
+    p = family_shares(families, shares)
+    if p is None:
+        return rng.permutation(len(families))
+    keys = np.log(rng.random(len(families))) / np.maximum(p, 1e-300)  # Efraimidis-Spirakis
+    return np.argsort(-keys, kind="stable")
+
+
+def choose_inputs(
+    corpus, n_labels: int, seed: int, pair_shares: dict | None = None, reg_shares: dict | None = None
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Training-split example indices to label (both ends of sampled pairs first, then
-    single examples) and the sampled pairs, as (a, b) example indices."""
-    rng = random.Random(seed)
+    single examples) and the sampled pairs, as (a, b) example indices. With the teacher's
+    `pair_shares` / `reg_shares` (its training config), pairs and single examples are drawn
+    with the same family shares the teacher was trained with, so small sources (EPITOME,
+    counsel-chat) are not drowned by tens of thousands of generated negatives."""
+    from perm_lite.training.data import family
+
+    rng = np.random.default_rng(seed)
     train = [i for i, e in enumerate(corpus.examples) if e.split == "train"]
     pairs = [
-        (p.better, p.worse)
+        (p.better, p.worse, family(p.source))
         for p in corpus.pairs
         if corpus.examples[p.better].split == "train" and corpus.examples[p.worse].split == "train"
     ]
-    rng.shuffle(pairs)
     chosen: dict[int, None] = {}
     kept_pairs = []
-    for a, b in pairs:
+    for k in weighted_order([f for _, _, f in pairs], pair_shares, rng):
         if len(chosen) >= n_labels * 2 // 3:
             break
+        a, b, _ = pairs[k]
         chosen[a] = chosen[b] = None
         kept_pairs.append((a, b))
-    for i in rng.sample(train, min(len(train), n_labels)):
+    single_family = [
+        e.source if e.kind in ("human", "chatbot") else family(e.kind) for e in (corpus.examples[i] for i in train)
+    ]
+    for k in weighted_order(single_family, reg_shares, rng):
         if len(chosen) >= n_labels:
             break
-        chosen[i] = None
+        chosen[train[k]] = None
     return list(chosen), kept_pairs
 
 
@@ -114,8 +136,10 @@ def distil(
     checkpoint_every: int = 100,
     bf16: bool = True,
     threads: int = 0,
+    balanced: bool = True,
 ) -> Path:
-    """Distil `teacher_dir` into a student keeping `layers`; returns `out/final`."""
+    """Distil `teacher_dir` into a student keeping `layers`; returns `out/final`.
+    `balanced`: draw inputs with the teacher's family shares (its `train_config.json`)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -131,7 +155,9 @@ def distil(
     teacher = load_checkpoint(teacher_dir)
     tokenizer = load_tokenizer(str(teacher_dir / "tokenizer.json"))
     corpus = build_corpus(data_dir, seed=13)
-    items, pairs = choose_inputs(corpus, n_labels, seed)
+    trained = teacher_dir / "train_config.json"
+    shares = json.loads(trained.read_text()) if balanced and trained.exists() else {}
+    items, pairs = choose_inputs(corpus, n_labels, seed, shares.get("pair_shares"), shares.get("reg_shares"))
     data = EncodedCorpus(corpus, tokenizer, max_length, tokenizer.token_to_id("[PAD]"))
     log.info("teacher %s: %d inputs to label, %d pairs", teacher_dir, len(items), len(pairs))
     labels = teacher_labels(teacher, data, items, out / "labels.npz", bf16)
@@ -214,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--uniform", action="store_true", help="draw inputs uniformly, not with the teacher's shares")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = json.loads((args.teacher / "encoder_config.json").read_text())
@@ -231,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         threads=args.threads,
+        balanced=not args.uniform,
     )
     print(final)
 
