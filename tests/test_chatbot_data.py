@@ -147,6 +147,10 @@ def test_family_shares():
     p = family_shares(families, {"cf": 0.5})
     assert p[:8].sum() == pytest.approx(0.5) and p[8:].sum() == pytest.approx(0.5)
     assert family_shares(families, None) is None
+    off = family_shares(families + ["degen"] * 5, {"cf": 0.5, "degen": 0})  # named 0: never drawn
+    assert off[10:].sum() == 0 and off[:8].sum() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="share of 0"):
+        family_shares(families, {"cf": 0, "mint": 0})
     assert family("weak:generic") == "weak" and family("mint") == "mint"
 
 

@@ -49,7 +49,8 @@ def test_training_pairs_follow_the_ranks():
         assert better.group == worse.group and better.split == "train" and p.heads == (0, 1, 2, 3)
         assert rank[better.kind.split(":")[1]] < rank[worse.kind.split(":")[1]]
         assert np.isnan(better.targets).all()  # pairs only: no regression targets
-    assert {"written:warm_short>generic", "written:generic>offtopic"} <= {p.source for p in corpus.pairs}
+    assert {"written:warm_short>generic", "written_floor:generic>offtopic"} <= {p.source for p in corpus.pairs}
+    assert not {p.source for p in corpus.pairs if p.source.startswith("written:generic")}
 
 
 def test_rates_follow_the_scores():

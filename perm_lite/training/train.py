@@ -58,8 +58,9 @@ class TrainConfig:
     weak_share: float = 0.0  # >0: weak-supervision examples get this share of regression draws
     counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
     sources: tuple[str, ...] = ()  # empty: every source (data.SOURCES); else only these
-    # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "generic", "redteam";
-    # regression: a source name or "weak"); unnamed families share the rest by size.
+    # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "generic",
+    # "written", "written_floor", "redteam"; regression: a source name or "weak"); unnamed families share the
+    # rest by size; a family named with 0 is never drawn.
     pair_shares: dict | None = None
     reg_shares: dict | None = None
 
@@ -121,17 +122,19 @@ def _shares(flags: list[bool], share: float) -> np.ndarray | None:
 
 
 def family_shares(families: list[str], shares: dict | None) -> np.ndarray | None:
-    """Sampling probabilities giving each named family its share of the draws; families not
-    named split what is left in proportion to their size (None = uniform)."""
+    """Sampling probabilities giving each named family its share of the draws (0: never
+    drawn); families not named split what is left in proportion to their size (None = uniform)."""
     if not shares or not families:
         return None
     names, counts = np.unique(families, return_counts=True)
     size = dict(zip(names.tolist(), counts.tolist()))
-    named = {f: v for f, v in shares.items() if f in size and v > 0}
+    named = {f: max(0.0, float(v)) for f, v in shares.items() if f in size}
     rest = max(0.0, 1.0 - sum(named.values()))
     others = sum(n for f, n in size.items() if f not in named)
     per_item = {f: (named[f] / size[f]) if f in named else (rest / others if others else 0.0) for f in size}
     p = np.array([per_item[f] for f in families], dtype=np.float64)
+    if p.sum() <= 0:
+        raise ValueError(f"every family present has a share of 0: {sorted(size)}")
     return p / p.sum()
 
 

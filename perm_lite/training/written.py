@@ -60,7 +60,10 @@ def dialogues(item: dict) -> list[Dialogue]:
 
 
 def add_written(corpus, split: str = "train") -> int:
-    """Add the split's replies (no regression targets) and its ordered pairs on every head."""
+    """Add the split's replies (no regression targets) and its ordered pairs on every head:
+    pair family `written` for a warm reply above a worse one, `written_floor` for generic
+    sympathy above a dismissive or off-topic reply (so a config can weight the bottom of the
+    order on its own: stock phrases are negatives elsewhere, dismissal is not)."""
     from perm_lite.training.corpus import Example, Pair, _targets
 
     added = 0
@@ -71,7 +74,8 @@ def add_written(corpus, split: str = "train") -> int:
             for kind, d in zip(KINDS, dialogues(item))
         }
         for better, worse in ORDER:
-            corpus.pairs.append(Pair(index[better], index[worse], heads, f"written:{better}>{worse}"))
+            family = "written_floor" if better in GENERIC else "written"
+            corpus.pairs.append(Pair(index[better], index[worse], heads, f"{family}:{better}>{worse}"))
             added += 1
     return added
 
