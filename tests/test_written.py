@@ -40,7 +40,7 @@ def test_training_pairs_follow_the_ranks():
     from perm_lite.training.corpus import Corpus
 
     corpus = Corpus()
-    n = written.add_written(corpus, "train")
+    n = written.add_written(corpus, "train", degenerate=0)
     items = written.load_written("train")
     assert n == len(corpus.pairs) == 16 * len(items) and len(corpus.examples) == 7 * len(items)
     rank = {k: 0 for k in written.WARM} | {k: 1 for k in written.GENERIC} | {k: 2 for k in written.BAD}
@@ -51,6 +51,24 @@ def test_training_pairs_follow_the_ranks():
         assert np.isnan(better.targets).all()  # pairs only: no regression targets
     assert {"written:warm_short>generic", "written_floor:generic>offtopic"} <= {p.source for p in corpus.pairs}
     assert not {p.source for p in corpus.pairs if p.source.startswith("written:generic")}
+
+
+def test_degenerate_rewrites_of_warm_replies_must_lose():
+    from perm_lite.training.corpus import Corpus
+
+    corpus = Corpus()
+    n = written.add_written(corpus, "train", degenerate=2, seed=5)
+    items = written.load_written("train")
+    degen = [p for p in corpus.pairs if p.source.startswith("degen_written:")]
+    assert len(degen) == n - 16 * len(items) >= len(items)  # nearly two a context (a rewrite can fail)
+    for p in degen:
+        better, worse = corpus.examples[p.better], corpus.examples[p.worse]
+        assert better.kind in ("written:warm", "written:warm_short", "written:warm_plain")
+        assert worse.group == better.group and worse.dialogue.response != better.dialogue.response
+        assert worse.dialogue.history == better.dialogue.history  # same conversation
+    again = Corpus()
+    written.add_written(again, "train", degenerate=2, seed=5)
+    assert [e.dialogue.response for e in again.examples] == [e.dialogue.response for e in corpus.examples]
 
 
 def test_rates_follow_the_scores():

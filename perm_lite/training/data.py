@@ -314,7 +314,7 @@ def build_corpus(
     if "degenerate" in sources:
         hard_negatives.add_hard_negatives(corpus, seed=seed, foreign=foreign_negatives, topical=topical_negatives)
     if "written" in sources:
-        written.add_written(corpus, "train")
+        written.add_written(corpus, "train", seed=seed)
     return corpus
 
 

@@ -59,8 +59,8 @@ class TrainConfig:
     counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
     sources: tuple[str, ...] = ()  # empty: every source (data.SOURCES); else only these
     # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "generic",
-    # "written", "written_floor", "redteam"; regression: a source name or "weak"); unnamed families share the
-    # rest by size; a family named with 0 is never drawn.
+    # "written", "written_floor", "degen_written", "redteam"; regression: a source name or "weak"); unnamed
+    # families share the rest by size; a family named with 0 is never drawn.
     pair_shares: dict | None = None
     reg_shares: dict | None = None
 

@@ -59,24 +59,43 @@ def dialogues(item: dict) -> list[Dialogue]:
     return [Dialogue(response=item["replies"][k], query=turns[-1].text, history=tuple(turns[:-1])) for k in KINDS]
 
 
-def add_written(corpus, split: str = "train") -> int:
+def add_written(corpus, split: str = "train", degenerate: int = 2, seed: int = 0) -> int:
     """Add the split's replies (no regression targets) and its ordered pairs on every head:
     pair family `written` for a warm reply above a worse one, `written_floor` for generic
     sympathy above a dismissive or off-topic reply (so a config can weight the bottom of the
-    order on its own: stock phrases are negatives elsewhere, dismissal is not)."""
-    from perm_lite.training.corpus import Example, Pair, _targets
+    order on its own: stock phrases are negatives elsewhere, dismissal is not). Plus, per
+    context, `degenerate` rewrites of its warm replies (`hard_negatives.degenerate_rewrite`:
+    an insult inserted, truncation, repetition, echo, ...) that must lose to the reply they
+    came from (family `degen_written`), so that what the model learns to pay for in these replies
+    cannot be bought back with a degenerate edit. Returns the number of pairs added."""
+    import random
 
+    from perm_lite.training.corpus import Example, Pair, _targets
+    from perm_lite.training.hard_negatives import degenerate_rewrite
+
+    rng = random.Random(seed + 4099)
     added = 0
     heads = tuple(range(len(PERSPECTIVES)))
     for item in load_written(split):
+        group = f"written:{item['id']}"
         index = {
-            kind: corpus.add(Example(d, _targets(), "written", f"written:{item['id']}", split, 1.0, f"written:{kind}"))
+            kind: corpus.add(Example(d, _targets(), "written", group, split, 1.0, f"written:{kind}"))
             for kind, d in zip(KINDS, dialogues(item))
         }
         for better, worse in ORDER:
             family = "written_floor" if better in GENERIC else "written"
             corpus.pairs.append(Pair(index[better], index[worse], heads, f"{family}:{better}>{worse}"))
             added += 1
+        for _ in range(degenerate):
+            kind = rng.choice(WARM)
+            original = corpus.examples[index[kind]].dialogue
+            made = degenerate_rewrite(rng, original.response, original.query)
+            if made:
+                name, text = made
+                bad = Dialogue(response=text, query=original.query, history=original.history)
+                j = corpus.add(Example(bad, _targets(), "written", group, split, 1.0, f"degen_written:{name}"))
+                corpus.pairs.append(Pair(index[kind], j, heads, f"degen_written:{name}"))
+                added += 1
     return added
 
 
