@@ -40,6 +40,10 @@ def test_train_export_quantize_score(tmp_path, caplog):
     with caplog.at_level("INFO", logger="perm_lite.train"):
         train(cfg)
     assert "resumed from step 2" in caplog.text
+    # stop_after ends a longer schedule early (a recipe's "stopped at step N"), checkpoint included.
+    cfg.steps, cfg.stop_after = 8, 4
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
 
     model_dir = tmp_path / "model"
     report = build_model_dir(

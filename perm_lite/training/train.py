@@ -31,6 +31,7 @@ class TrainConfig:
     out_dir: str = "runs/perm-lite-minilm"
     max_length: int = 256
     steps: int = 1500
+    stop_after: int = 0  # >0: stop after this step, keeping the learning-rate schedule of `steps`
     regression_batch: int = 16
     pair_batch: int = 8
     lr: float = 4e-5
@@ -377,7 +378,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
         log.info("resumed from step %d", step)
     model.train()
     started, first_step = time.time(), step
-    while step < cfg.steps:
+    last = min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
+    while step < last:
         rng = np.random.default_rng(cfg.seed * 100_003 + step)  # resumable: one stream per step
         reg = rng.choice(train_reg, size=min(cfg.regression_batch, len(train_reg)), replace=False, p=reg_p).tolist()
         pairs = (
@@ -410,7 +412,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
             data.extend(tokenizer, cfg.max_length, start)
             train_pairs, reg_p, pair_p = samplers()
             model.train()
-        if step % 10 == 0 or step == cfg.steps:
+        if step % 10 == 0 or step == last:
             rate = (step - first_step) / max(1e-6, time.time() - started)
             log.info(
                 "step %d/%d loss %.4f mse %.4f rank %.4f (%.2f steps/s)",
@@ -421,7 +423,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
                 parts["rank"],
                 rate,
             )
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == last:
             write_checkpoint(model, optimizer, step, ckpt)
     final = out / "final"
     final.mkdir(exist_ok=True)
