@@ -55,8 +55,8 @@ def test_heads_supervised_by_the_documented_sources(corpus):
         "cf:removed:interpretations",
         "cf:removed:emotional-reactions",
         "generic:real>topical_generic",
-        "written:warm_short>generic",
     }
+    assert not any(p.source.startswith(("written", "degen_written")) for p in corpus.pairs)  # opt-in
 
 
 def test_chatbot_sources_split_by_conversation_and_person(corpus):
@@ -89,6 +89,7 @@ def test_a_left_out_source_is_absent_everywhere():
 
     corpus = build_corpus(DATA, seed=13, sources=[s for s in SOURCES if s != "ieval"])
     assert not any(e.source == "ieval" for e in corpus.examples)
+    assert {"written:warm_short>generic", "written_floor:generic>offtopic"} <= {p.source for p in corpus.pairs}
     assert not any(p.source == "ieval" for p in corpus.pairs)
     with pytest.raises(ValueError, match="unknown training sources"):
         build_corpus(DATA, sources=["mint", "reddit"])

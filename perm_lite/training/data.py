@@ -270,12 +270,15 @@ SOURCES = (
     "degenerate",
     "written",
 )
+# What a build loads unless told otherwise: every source but the hand-written contrast pairs,
+# which cost agreement with iEval's people when trained on (candidate 3.1b in the model card).
+DEFAULT_SOURCES = tuple(s for s in SOURCES if s != "written")
 
 
 def build_corpus(
     data_dir: Path,
     seed: int = 0,
-    sources: tuple[str, ...] | list[str] = SOURCES,
+    sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
     foreign_negatives: float = 0.0,
     topical_negatives: float = 0.35,
 ) -> Corpus:

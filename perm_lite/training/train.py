@@ -58,7 +58,7 @@ class TrainConfig:
     adversarial_budget: int = 200
     weak_share: float = 0.0  # >0: weak-supervision examples get this share of regression draws
     counsel_pair_share: float = 0.0  # >0: counsel-chat pairs get this share of pair draws
-    sources: tuple[str, ...] = ()  # empty: every source (data.SOURCES); else only these
+    sources: tuple[str, ...] = ()  # empty: data.DEFAULT_SOURCES (all but "written"); else only these
     # Share of the draws per family (pairs: "mint", "ieval", "cf", "weak", "counselchat", "degen", "generic",
     # "written", "written_floor", "degen_written", "redteam"; regression: a source name or "weak"); unnamed
     # families share the rest by size; a family named with 0 is never drawn.
