@@ -171,12 +171,11 @@ def load_contrastive(path: Path | None = None) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def contrastive_dialogues(item: dict) -> list[Dialogue]:
+def contrastive_dialogues(item: dict, kinds: Sequence[str] = CONTRASTIVE_KINDS) -> list[Dialogue]:
+    """The item's replies of `kinds` (in that order) as dialogues on its conversation
+    (`messages`: user = seeker, assistant = supporter, the last one the seeker's)."""
     turns = [Turn("seeker" if m["role"] == "user" else "supporter", m["content"]) for m in item["messages"]]
-    return [
-        Dialogue(response=item["replies"][kind], query=turns[-1].text, history=tuple(turns[:-1]))
-        for kind in CONTRASTIVE_KINDS
-    ]
+    return [Dialogue(response=item["replies"][kind], query=turns[-1].text, history=tuple(turns[:-1])) for kind in kinds]
 
 
 def contrastive_eval(items: list[dict], pred: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ from importlib import resources
 
 import numpy as np
 
-from perm_lite.records import Dialogue, Turn
+from perm_lite.records import Dialogue
 from perm_lite.scales import PERSPECTIVES
 
 WARM = ("warm", "warm_short", "warm_plain")
@@ -55,8 +55,9 @@ def load_written(split: str, folder=None) -> list[dict]:
 
 def dialogues(item: dict) -> list[Dialogue]:
     """The item's seven replies (in `KINDS` order) as dialogues on its conversation."""
-    turns = [Turn("seeker" if m["role"] == "user" else "supporter", m["content"]) for m in item["messages"]]
-    return [Dialogue(response=item["replies"][k], query=turns[-1].text, history=tuple(turns[:-1])) for k in KINDS]
+    from perm_lite.training.chatbot_eval import contrastive_dialogues
+
+    return contrastive_dialogues(item, KINDS)
 
 
 def add_written(corpus, split: str = "train", degenerate: int = 2, seed: int = 0) -> int:
