@@ -47,7 +47,7 @@ def export_model(
     output: Annotated[str, typer.Option("-o", "--output", help="Model directory to write.")],
     data: Annotated[str, typer.Option(help="Data folder: calibration, checks, score calibration.")],
     name: Annotated[str, typer.Option(help="Model name in config.json.")] = "perm-lite-minilm",
-    version: Annotated[str, typer.Option(help="Model version.")] = "3.0.0",
+    version: Annotated[str, typer.Option(help="Model version.")] = "3.1.0",
     max_length: Annotated[int, typer.Option(help="Max tokens per record.")] = 384,
     keep_fp32: Annotated[bool, typer.Option(help="Also keep the fp32 variant (for CUDA).")] = False,
     max_check_records: Annotated[int, typer.Option(help="Limit val/test records checked (0 = all).")] = 0,

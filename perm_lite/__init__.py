@@ -7,7 +7,7 @@ from perm_lite.records import Dialogue, RecordError, Turn
 from perm_lite.reward import Reward
 from perm_lite.scorer import Result, Scorer
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 __all__ = [
     "Scorer",
     "Result",

@@ -13,63 +13,69 @@ from perm_lite import Scorer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dialogues.jsonl"
 GOLDEN = {
-    "job-warm": {"resonation": 2.334, "expression": 2.055, "reception": 2.718, "bystander": 45.968, "combined": 0.1975},
+    "job-warm": {"resonation": 2.312, "expression": 2.239, "reception": 2.808, "bystander": 55.447, "combined": 0.2629},
     "job-generic": {
-        "resonation": 1.799,
-        "expression": 1.998,
-        "reception": 2.078,
-        "bystander": 37.653,
-        "combined": 0.0785,
+        "resonation": 1.876,
+        "expression": 1.938,
+        "reception": 1.947,
+        "bystander": 33.356,
+        "combined": 0.0508,
     },
     "job-dismissive": {
-        "resonation": 1.307,
-        "expression": 1.291,
-        "reception": 1.123,
-        "bystander": 6.853,
-        "combined": -0.2188,
+        "resonation": 1.221,
+        "expression": 1.297,
+        "reception": 1.264,
+        "bystander": 7.139,
+        "combined": -0.2123,
     },
     "grief-chat": {
-        "resonation": 2.703,
-        "expression": 2.668,
-        "reception": 2.86,
-        "bystander": 37.794,
-        "combined": 0.2372,
+        "resonation": 2.887,
+        "expression": 2.967,
+        "reception": 3.234,
+        "bystander": 48.81,
+        "combined": 0.3485,
     },
     "exam-completion": {
-        "resonation": 1.797,
-        "expression": 1.635,
-        "reception": 2.075,
-        "bystander": 11.737,
-        "combined": -0.0777,
+        "resonation": 2.072,
+        "expression": 1.92,
+        "reception": 2.515,
+        "bystander": 34.662,
+        "combined": 0.1015,
     },
     "lonely-padded": {
-        "resonation": 1.019,
-        "expression": 1.254,
-        "reception": 1.004,
-        "bystander": 1.248,
-        "combined": -0.2775,
+        "resonation": 1.017,
+        "expression": 1.286,
+        "reception": 1.052,
+        "bystander": 1.301,
+        "combined": -0.2722,
     },
     "lonely-specific": {
-        "resonation": 2.478,
-        "expression": 1.955,
-        "reception": 2.716,
-        "bystander": 48.327,
-        "combined": 0.2092,
+        "resonation": 2.19,
+        "expression": 1.742,
+        "reception": 2.474,
+        "bystander": 38.14,
+        "combined": 0.1089,
     },
-    "intrusive": {"resonation": 1.8, "expression": 1.837, "reception": 2.03, "bystander": 29.52, "combined": 0.0244},
+    "intrusive": {
+        "resonation": 1.925,
+        "expression": 1.786,
+        "reception": 2.023,
+        "bystander": 32.967,
+        "combined": 0.0461,
+    },
     "advice-clear": {
-        "resonation": 2.134,
-        "expression": 2.463,
-        "reception": 2.978,
-        "bystander": 40.396,
-        "combined": 0.1977,
+        "resonation": 2.198,
+        "expression": 2.509,
+        "reception": 3.135,
+        "bystander": 45.566,
+        "combined": 0.2395,
     },
     "no-context": {
-        "resonation": 1.797,
-        "expression": 2.396,
-        "reception": 2.197,
-        "bystander": 41.512,
-        "combined": 0.1274,
+        "resonation": 1.762,
+        "expression": 2.173,
+        "reception": 1.979,
+        "bystander": 34.749,
+        "combined": 0.0651,
     },
 }
 
@@ -82,7 +88,7 @@ def results():
 
 def test_default_model_identity():
     scorer = Scorer()
-    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "3.0.0", "int8")
+    assert (scorer.model_name, scorer.config.version, scorer.variant) == ("perm-lite-minilm", "3.1.0", "int8")
 
 
 @pytest.mark.parametrize("record_id", sorted(GOLDEN))

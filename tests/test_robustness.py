@@ -254,6 +254,35 @@ def test_hard_negatives_are_training_split_only_and_lose():
     assert not {norm(s) for s in STOCK} & {norm(c) for c in EVAL_CLICHES}  # the suite's phrases stay unseen
 
 
+def test_degenerate_generator_weights_choose_the_mix():
+    """A config's `degenerate_weights` overrides the generator mix by name; 0 is never drawn."""
+    from perm_lite.rewrites import sentences
+    from perm_lite.training.data import Corpus, Example, _targets
+    from perm_lite.training.hard_negatives import WEIGHTS, add_hard_negatives, degenerate_rewrite, generator_weights
+
+    assert generator_weights() == WEIGHTS and generator_weights(None) is not WEIGHTS
+    only = {name: 0 for name in WEIGHTS} | {"stutter": 1}
+    corpus = Corpus()
+    for k in range(40):
+        example = Example(Dialogue(response=REPLY, query=SEEKER), _targets(reception=0.8), "mint", f"g{k}", "train")
+        corpus.add(example)
+    add_hard_negatives(corpus, seed=3, weights=only, topical=0.0)
+    degen = {p.source.split("+")[0] for p in corpus.pairs if "stock" not in p.source}
+    assert degen == {"degen:stutter"}
+    in_place = generator_weights({"repeat_in_place": 1, "stutter": 0})
+    rng = random.Random(4)
+    for _ in range(50):
+        made = degenerate_rewrite(rng, REPLY, SEEKER, {n: 0 for n in WEIGHTS} | {"repeat_in_place": 1})
+        assert made and made[0] == "repeat_in_place"  # nothing else to compose with
+        said = sentences(made[1])
+        assert len(said) > len(set(said)) and set(said) <= set(sentences(REPLY))
+    assert in_place["stutter"] == 0 and WEIGHTS["repeat_in_place"] == 0  # opt-in: old recipes draw as before
+    with pytest.raises(ValueError, match="unknown degenerate generators \\['stuter'\\]"):
+        generator_weights({"stuter": 2})
+    with pytest.raises(ValueError, match="one above 0"):
+        generator_weights(dict.fromkeys(WEIGHTS, 0))
+
+
 def test_foreign_and_topical_generic_negatives():
     """Other contexts' sentences inserted (opt-in) and topic-naming filler: both lose."""
     from perm_lite.rewrites import sentences

@@ -122,7 +122,7 @@ def build_model_dir(
     corpus: Corpus | None = None,
     extra_config: dict | None = None,
     name: str = "perm-lite-minilm",
-    version: str = "3.0.0",
+    version: str = "3.1.0",
     max_length: int = 384,
     seed: int = 13,
     calibration_records: int = 300,

@@ -281,6 +281,7 @@ def build_corpus(
     sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
     foreign_negatives: float = 0.0,
     topical_negatives: float = 0.35,
+    degenerate_weights: dict | None = None,
 ) -> Corpus:
     """Load the named sources under `data_dir` (the layout of ../shared/data).
 
@@ -288,8 +289,8 @@ def build_corpus(
     (counterfactual.py) and `degenerate` the hard negatives against reward hacking
     (hard_negatives.py, training split only) of the loaded sources, `written` the project's
     hand-written contrast pairs (written.py, its training files only); a source left out is absent from every split
-    (leave-one-source-out runs). `foreign_negatives`, `topical_negatives`: the `foreign` and
-    `topical` shares of `hard_negatives.add_hard_negatives`."""
+    (leave-one-source-out runs). `foreign_negatives`, `topical_negatives`, `degenerate_weights`: the
+    `foreign` and `topical` shares and the generator `weights` of `hard_negatives.add_hard_negatives`."""
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown training sources {sorted(unknown)}; choose from {list(SOURCES)}")
@@ -315,7 +316,9 @@ def build_corpus(
     if "counterfactual" in sources:
         counterfactual.add_counterfactuals(corpus, data_dir, seed=seed, with_epitome="epitome" in sources)
     if "degenerate" in sources:
-        hard_negatives.add_hard_negatives(corpus, seed=seed, foreign=foreign_negatives, topical=topical_negatives)
+        hard_negatives.add_hard_negatives(
+            corpus, seed=seed, foreign=foreign_negatives, topical=topical_negatives, weights=degenerate_weights
+        )
     if "written" in sources:
         written.add_written(corpus, "train", seed=seed)
     return corpus

@@ -110,6 +110,25 @@ def _repeat_one(rng: random.Random, reply: str, seeker: str) -> str | None:
     return " ".join([s] * (k - 1)) + " " + reply.strip()
 
 
+def _repeat_in_place(rng: random.Random, reply: str, seeker: str) -> str | None:
+    """One or two of the reply's sentences written twice where they stand (or the copy moved
+    to the end), sometimes with another sentence dropped: the small edits a search finds."""
+    parts = sentences(reply)
+    if len(parts) < 2:
+        return None
+    out = list(parts)
+    for at in sorted(rng.sample(range(len(parts)), min(len(parts), rng.choice((1, 1, 1, 2)))), reverse=True):
+        if rng.random() < 0.7:
+            out.insert(at + 1, parts[at])
+        else:
+            out.append(parts[at])
+    if len(parts) >= 3 and rng.random() < 0.3:
+        once = [k for k, s in enumerate(out) if out.count(s) == 1]
+        if once:
+            del out[rng.choice(once)]
+    return " ".join(out)
+
+
 def _repeat_reply(rng: random.Random, reply: str, seeker: str) -> str | None:
     k = rng.choice((2, 2, 3, 4))
     glue = rng.choice((" ", " ", "\n\n", " As I said, ", " Again: "))
@@ -212,6 +231,7 @@ GENERATORS = {
     "truncated": _truncate,
     "noise": _noise,
     "stutter": _stutter,
+    "repeat_in_place": _repeat_in_place,
 }
 WEIGHTS = {
     "repeat_sentence": 3,
@@ -223,6 +243,7 @@ WEIGHTS = {
     "truncated": 3,
     "noise": 1,
     "stutter": 2,
+    "repeat_in_place": 0,  # opt-in (`degenerate_weights`): 0 keeps 3.0's recipes drawing as they did
 }
 
 
@@ -268,14 +289,32 @@ def topical_generic(rng: random.Random, seeker: str, target_words: int) -> str |
     return opener + " " + weak.generic_reply(rng, max(8, target_words - len(opener.split())))
 
 
-def degenerate_rewrite(rng: random.Random, reply: str, seeker: str) -> tuple[str, str] | None:
-    """(generator name, rewritten reply); a second generator is composed in 25% of draws."""
+def generator_weights(overrides: dict | None = None) -> dict[str, float]:
+    """`WEIGHTS` with `overrides` applied (a generator named with 0 is never drawn)."""
+    if not overrides:
+        return dict(WEIGHTS)
+    unknown = set(overrides) - set(GENERATORS)
+    if unknown:
+        raise ValueError(f"unknown degenerate generators {sorted(unknown)}; choose from {sorted(GENERATORS)}")
+    weights = WEIGHTS | {name: float(w) for name, w in overrides.items()}
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"degenerate generator weights must be >= 0 with one above 0, got {weights}")
+    return weights
+
+
+def degenerate_rewrite(
+    rng: random.Random, reply: str, seeker: str, weights: dict[str, float] | None = None
+) -> tuple[str, str] | None:
+    """(generator name, rewritten reply); a second generator is composed in 25% of draws.
+    `weights`: each generator's chance (default `WEIGHTS`)."""
+    weights = weights or WEIGHTS
     names = list(GENERATORS)
-    name = rng.choices(names, weights=[WEIGHTS[n] for n in names])[0]
+    name = rng.choices(names, weights=[weights[n] for n in names])[0]
     text = GENERATORS[name](rng, reply, seeker)
     if text and rng.random() < 0.25:
-        second = rng.choice([n for n in names if n not in ("truncated", name)])
-        more = GENERATORS[second](rng, text, seeker)
+        others = [n for n in names if n not in ("truncated", name) and weights[n] > 0]
+        second = rng.choice(others) if others else None
+        more = GENERATORS[second](rng, text, seeker) if second else None
         if more:
             text, name = more, f"{name}+{second}"
     if not text or text.strip() == reply.strip():
@@ -296,15 +335,18 @@ def add_hard_negatives(
     sources: tuple[str, ...] = (),
     foreign: float = 0.0,
     topical: float = 0.35,
+    weights: dict | None = None,
 ) -> None:
     """Pairs "original > degenerate rewrite" (every head) for training-split real replies,
     and "single stock reply > the same repeated" plus "real reply > stock repeated" with
     low regression targets for the repeated stock replies. With probability `foreign` per
     reply, "original > original with other contexts' sentences"; with `topical` (well-rated
-    replies only), "original > topic-naming filler of about its length". Nothing from val/test."""
+    replies only), "original > topic-naming filler of about its length". `weights`: the
+    generator mix (`generator_weights`). Nothing from val/test."""
     from perm_lite.training.corpus import Example, Pair, _targets
 
     rng = random.Random(seed + 7919)
+    mix = generator_weights(weights)
     heads = tuple(range(4))
     by_source: dict[str, list[int]] = {}
     for n, e in enumerate(corpus.examples):
@@ -327,7 +369,7 @@ def add_hard_negatives(
                 v = Dialogue(response=text, query=d.query, scenario=d.scenario, persona=d.persona, history=d.history)
                 return corpus.add(Example(v, targets, real.source, real.group, real.split, 0.5, kind))
 
-            made = degenerate_rewrite(rng, d.response, d.query)
+            made = degenerate_rewrite(rng, d.response, d.query, mix)
             if made:
                 name, text = made
                 corpus.pairs.append(Pair(i, add(text, f"degen:{name}", _targets()), heads, f"degen:{name}"))

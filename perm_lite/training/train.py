@@ -49,6 +49,8 @@ class TrainConfig:
     init_from_int8: str = ""  # a model directory: continue from its shipped int8 weights, dequantized
     foreign_negatives: float = 0.0  # share of replies given other contexts' sentences as negatives (off: see card)
     topical_negatives: float = 0.35  # share of well-rated replies paired against topic-naming filler ("generic")
+    # Generator mix of the degenerate rewrites (hard_negatives.WEIGHTS overridden by name; 0: never drawn).
+    degenerate_weights: dict | None = None
     encoder_dir: str = ""  # folder with the encoder's config.json and tokenizer.json (default: the base package)
     device: str = "cpu"  # "cuda" where a GPU is lent (bf16 autocast there too)
     # Adversarial rounds (model 3.0): at these steps, the red team (perm_lite.redteam) searches
@@ -319,6 +321,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
             seed=cfg.seed,
             foreign_negatives=cfg.foreign_negatives,
             topical_negatives=cfg.topical_negatives,
+            degenerate_weights=cfg.degenerate_weights,
             **({"sources": cfg.sources} if cfg.sources else {}),
         )
     if cfg.max_examples:
