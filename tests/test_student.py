@@ -92,3 +92,23 @@ def test_write_checkpoint_replaces_the_previous_one_whole(tmp_path):
     assert not (tmp_path / "checkpoint.tmp").exists()
     saved = load_file(str(ckpt / "model.safetensors"))
     assert torch.equal(saved["heads.weight"], model.heads.weight)
+
+
+def test_student_corpus_follows_the_teachers_sources_and_negatives():
+    """A student sees what its teacher trained on: the hand-written pairs when the teacher
+    named them, and the teacher's hard-negative mix; an explicit 0 is kept, not defaulted."""
+    from perm_lite.training.student import corpus_options
+
+    teacher = {
+        "sources": ["mint", "written"],
+        "topical_negatives": 0.0,
+        "foreign_negatives": None,
+        "degenerate_weights": {"repeat_in_place": 4},
+        "pair_shares": {"written": 0.06},
+    }
+    assert corpus_options(teacher) == {
+        "sources": ("mint", "written"),
+        "topical_negatives": 0.0,
+        "degenerate_weights": {"repeat_in_place": 4},
+    }
+    assert corpus_options({"sources": []}) == {} and corpus_options({}) == {}
