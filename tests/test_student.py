@@ -94,21 +94,24 @@ def test_write_checkpoint_replaces_the_previous_one_whole(tmp_path):
     assert torch.equal(saved["heads.weight"], model.heads.weight)
 
 
-def test_student_corpus_follows_the_teachers_sources_and_negatives():
+def test_student_corpus_follows_the_teachers_sources_and_negatives(tmp_path):
     """A student sees what its teacher trained on: the hand-written pairs when the teacher
     named them, and the teacher's hard-negative mix; an explicit 0 is kept, not defaulted."""
-    from perm_lite.training.student import corpus_options
+    import json
+
+    from perm_lite.training.train import TrainConfig
 
     teacher = {
         "sources": ["mint", "written"],
         "topical_negatives": 0.0,
-        "foreign_negatives": None,
         "degenerate_weights": {"repeat_in_place": 4},
         "pair_shares": {"written": 0.06},
     }
-    assert corpus_options(teacher) == {
+    (tmp_path / "train_config.json").write_text(json.dumps(teacher))
+    assert TrainConfig.from_file(tmp_path / "train_config.json").corpus_options() == {
         "sources": ("mint", "written"),
+        "foreign_negatives": 0.0,
         "topical_negatives": 0.0,
         "degenerate_weights": {"repeat_in_place": 4},
     }
-    assert corpus_options({"sources": []}) == {} and corpus_options({}) == {}
+    assert "sources" not in TrainConfig(sources=()).corpus_options()  # empty: the default sources

@@ -47,19 +47,6 @@ def shallow_copy(teacher, keep: list[int]):
     return student
 
 
-def corpus_options(teacher_config: dict) -> dict:
-    """`build_corpus` options matching the teacher's training config: its sources (the
-    hand-written pairs included when it trained on them) and its hard-negative settings."""
-    options = {
-        key: teacher_config[key]
-        for key in ("topical_negatives", "foreign_negatives", "degenerate_weights")
-        if teacher_config.get(key) is not None
-    }
-    if teacher_config.get("sources"):  # empty: the default sources, as in training
-        options["sources"] = tuple(teacher_config["sources"])
-    return options
-
-
 def weighted_order(families: list[str], shares: dict | None, rng: np.random.Generator) -> np.ndarray:
     """A random order of the items, drawn without replacement with each family's share of the
     draws (`train.family_shares`; uniform without shares): taking the first k of it samples k."""
@@ -159,7 +146,7 @@ def distil(
     from perm_lite.text import load_tokenizer
     from perm_lite.training.data import build_corpus
     from perm_lite.training.export import load_checkpoint
-    from perm_lite.training.train import EncodedCorpus, forward_by_length, write_checkpoint
+    from perm_lite.training.train import EncodedCorpus, TrainConfig, forward_by_length, write_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -167,11 +154,13 @@ def distil(
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_checkpoint(teacher_dir)
     tokenizer = load_tokenizer(str(teacher_dir / "tokenizer.json"))
+    # The teacher's own training config: the student's corpus is built as the teacher's was
+    # (sources, hard-negative mix) and, `balanced`, its inputs drawn with the teacher's shares.
     trained = teacher_dir / "train_config.json"
-    teacher_config = json.loads(trained.read_text()) if trained.exists() else {}
-    corpus = build_corpus(data_dir, seed=13, **corpus_options(teacher_config))
-    shares = teacher_config if balanced else {}
-    items, pairs = choose_inputs(corpus, n_labels, seed, shares.get("pair_shares"), shares.get("reg_shares"))
+    teacher_config = TrainConfig.from_file(trained) if trained.exists() else TrainConfig()
+    corpus = build_corpus(data_dir, seed=13, **teacher_config.corpus_options())
+    pair_shares, reg_shares = (teacher_config.pair_shares, teacher_config.reg_shares) if balanced else (None, None)
+    items, pairs = choose_inputs(corpus, n_labels, seed, pair_shares, reg_shares)
     data = EncodedCorpus(corpus, tokenizer, max_length, tokenizer.token_to_id("[PAD]"))
     log.info("teacher %s: %d inputs to label, %d pairs", teacher_dir, len(items), len(pairs))
     labels = teacher_labels(teacher, data, items, out / "labels.npz", bf16)

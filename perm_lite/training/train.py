@@ -76,6 +76,16 @@ class TrainConfig:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         return cls(**values)
 
+    def corpus_options(self) -> dict:
+        """`data.build_corpus` keyword options of this config: its sources (when named) and
+        hard-negative settings. Training and a distilled student build their corpus with it."""
+        options = {
+            "foreign_negatives": self.foreign_negatives,
+            "topical_negatives": self.topical_negatives,
+            "degenerate_weights": self.degenerate_weights,
+        }
+        return options | ({"sources": tuple(self.sources)} if self.sources else {})
+
 
 class EncodedCorpus:
     """The corpus tokenized once with the runtime's own `encode_dialogues`."""
@@ -316,14 +326,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> Path:
     base = Path(cfg.encoder_dir) if cfg.encoder_dir else base_encoder_dir()
     tokenizer = load_tokenizer(base / "tokenizer.json")
     if corpus is None:
-        corpus = build_corpus(
-            Path(cfg.data_dir),
-            seed=cfg.seed,
-            foreign_negatives=cfg.foreign_negatives,
-            topical_negatives=cfg.topical_negatives,
-            degenerate_weights=cfg.degenerate_weights,
-            **({"sources": cfg.sources} if cfg.sources else {}),
-        )
+        corpus = build_corpus(Path(cfg.data_dir), seed=cfg.seed, **cfg.corpus_options())
     if cfg.max_examples:
         corpus = subsample(corpus, cfg.max_examples, cfg.seed)
     data = EncodedCorpus(corpus, tokenizer, cfg.max_length, tokenizer.token_to_id("[PAD]"))
